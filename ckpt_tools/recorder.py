@@ -1,0 +1,310 @@
+"""`Recorder`: dense checkpoints from any PyTorch loop into a Zarr history group.
+
+The training step pays for one device-to-host copy of the weights into a preallocated
+chunk buffer; compression and disk writes happen on a background thread. At most
+`max_pending` full chunks wait for the writer, so memory stays bounded: when the disk
+falls behind, `record` blocks instead of queueing without limit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ckpt_tools.provenance import provenance
+from ckpt_tools.schedule import Schedule
+from ckpt_tools.store import CHUNK_STEPS, HistoryWriter, StoreError
+from ckpt_tools.tensors import TensorSpec, buffer_specs, param_specs, unwrap
+
+__all__ = ["Recorder"]
+
+
+@dataclass
+class _Chunk:
+    """Rows of one storage chunk being filled (`index` is the chunk number)."""
+
+    params: np.ndarray  # (CHUNK_STEPS, n_params) float32
+    buffers: np.ndarray  # (CHUNK_STEPS, n_buffers) float32
+    grad_norm: np.ndarray  # (CHUNK_STEPS, n_layers) float32
+    index: int = -1
+    rows: list[int] = field(default_factory=list)
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def reset(self, index: int) -> _Chunk:
+        self.index, self.rows, self.scalars = index, [], {}
+        self.params.fill(np.nan)
+        self.buffers.fill(np.nan)
+        self.grad_norm.fill(np.nan)
+        return self
+
+
+def _is_writer_rank() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _as_schedule(schedule: Schedule | str | Iterable[int]) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, str):
+        return Schedule.parse(schedule)
+    return Schedule.from_steps(schedule)
+
+
+class Recorder:
+    """Record a model's parameters and buffers at the steps of a schedule.
+
+    Args:
+        path: The store (a directory ending in ``.zarr``); created if missing.
+        model: The model (a DDP wrapper is unwrapped); its state is read at each `record`.
+        schedule: The steps to record (`Schedule`, its text form, or a list of steps).
+        group: The history group inside the store.
+        config: JSON-able description of the run, stored as provenance.
+        optimizer: If given, its learning rate is recorded as `lr` at every step.
+        eval_schedule: Steps at which `log_eval` will be called (own dimension
+            `eval_step`).
+        overwrite: Replace an existing group of the same name.
+        resume: Continue an existing group: rows at and after the first step recorded in
+            this session are rewritten.
+        max_pending: Full chunks allowed to wait for the writer before `record` blocks.
+
+    Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        schedule: Schedule | str | Iterable[int],
+        *,
+        group: str = "train",
+        config: Mapping | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        eval_schedule: Schedule | str | Iterable[int] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        max_pending: int = 2,
+    ):
+        self.path, self.group = Path(path), group
+        self.schedule = _as_schedule(schedule)
+        self.eval_schedule = _as_schedule(eval_schedule) if eval_schedule is not None else None
+        self.active = _is_writer_rank()
+        self._model = unwrap(model)
+        self._optimizer = optimizer
+        self._index = {s: i for i, s in enumerate(self.schedule.steps)}
+        self._last = -1
+        self._closed = False
+        if not self.active:
+            return
+        self.params, self.buffers = param_specs(self._model), buffer_specs(self._model)
+        self._sources = self._tensor_sources()
+        self._writer = self._open_writer(config or {}, overwrite=overwrite, resume=resume)
+        n_p = sum(s.size for s in self.params)
+        n_b = sum(s.size for s in self.buffers)
+        self._free: queue.Queue[_Chunk] = queue.Queue()
+        for _ in range(max_pending + 1):
+            self._free.put(
+                _Chunk(
+                    np.empty((CHUNK_STEPS, n_p), np.float32),
+                    np.empty((CHUNK_STEPS, n_b), np.float32),
+                    np.empty((CHUNK_STEPS, len(self.params)), np.float32),
+                )
+            )
+        self._todo: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._chunk: _Chunk | None = None
+        self._thread = threading.Thread(target=self._drain, name="ckpt-writer", daemon=True)
+        self._thread.start()
+
+    # -- set-up -------------------------------------------------------------------------
+    def _open_writer(self, config: Mapping, *, overwrite: bool, resume: bool) -> HistoryWriter:
+        if resume:
+            writer = HistoryWriter.reopen(self.path, self.group)
+            self._check_matches(writer)
+            return writer
+        attrs = {
+            "config": dict(config),
+            "seed": config.get("seed"),
+            "schedule": self.schedule.to_json(),
+            "eval_schedule": self.eval_schedule.to_json() if self.eval_schedule else None,
+            "model": type(self._model).__name__,
+            "chunk_steps": CHUNK_STEPS,
+        }
+        return HistoryWriter.create(
+            self.path, self.group, steps=self.schedule.steps, params=self.params,
+            buffers=self.buffers, attrs=attrs, root_attrs=provenance(),
+            eval_steps=self.eval_schedule.steps if self.eval_schedule else (),
+            overwrite=overwrite,
+        )
+
+    def _check_matches(self, writer: HistoryWriter) -> None:
+        if [(s.name, s.shape) for s in writer.params] != [(s.name, s.shape) for s in self.params]:
+            raise StoreError(
+                f"group '{self.group}' in {self.path} was recorded from another architecture; "
+                "resume with the same model or record into a new store"
+            )
+        if tuple(int(s) for s in writer.steps) != self.schedule.steps:
+            raise StoreError(f"group '{self.group}' in {self.path} has a different schedule")
+
+    def _tensor_sources(self) -> list[tuple[nn.Module, str]]:
+        # (module, attribute) pairs, so a buffer re-assigned by the model is still found.
+        out = []
+        for spec in [*self.params, *self.buffers]:
+            owner, _, attr = spec.name.rpartition(".")
+            out.append((self._model.get_submodule(owner), attr))
+        return out
+
+    # -- hot path -----------------------------------------------------------------------
+    def record(self, step: int, **scalars: float) -> bool:
+        """Copy the model's state if `step` is scheduled; return whether it was recorded.
+
+        Call it after the optimizer update, so step s holds the weights after s updates.
+        Scalars (e.g. ``loss=...``) are stored per step under their keyword names.
+
+        Raises:
+            ValueError: if `step` is not later than the previously recorded step.
+            RuntimeError: if the background writer failed (the cause is chained).
+        """
+        i = self._index.get(step)
+        if i is None or not self.active:
+            return False
+        if self._closed:
+            raise RuntimeError("record() called on a closed Recorder")
+        if i <= self._last:
+            raise ValueError(f"step {step} recorded out of order (after step "
+                             f"{self.schedule.steps[self._last]})")
+        self._raise_writer_error()
+        chunk_no, row = divmod(i, CHUNK_STEPS)
+        if self._chunk is None or self._chunk.index != chunk_no:
+            self._flush()
+            self._chunk = self._free.get().reset(chunk_no)
+        chunk = self._chunk
+        with torch.no_grad():
+            tensors = [getattr(m, a) for m, a in self._sources]
+            n = len(self.params)
+            self._copy_row(tensors[:n], chunk.params[row])
+            if self.buffers:
+                self._copy_row(tensors[n:], chunk.buffers[row])
+            grads = [t.grad for t in tensors[:n]]
+            present = [k for k, g in enumerate(grads) if g is not None]
+            if present:
+                norms = torch._foreach_norm([grads[k] for k in present])
+                chunk.grad_norm[row, present] = torch.stack(norms).float().cpu().numpy()
+        if self._optimizer is not None and "lr" not in scalars:
+            scalars["lr"] = self._optimizer.param_groups[0]["lr"]
+        for name, value in scalars.items():
+            column = chunk.scalars.setdefault(name, np.full(CHUNK_STEPS, np.nan))
+            column[row] = float(value)
+        chunk.rows.append(row)
+        self._last = i
+        return True
+
+    @staticmethod
+    def _copy_row(tensors: list[torch.Tensor], out: np.ndarray) -> None:
+        flat = [t.detach().reshape(-1) for t in tensors]
+        dst = torch.from_numpy(out)
+        if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in flat):
+            torch.cat(flat, out=dst)
+        else:
+            dst.copy_(torch.cat([t.float() for t in flat]))
+
+    def log_eval(self, step: int, **metrics: float) -> bool:
+        """Store evaluation metrics (e.g. ``test_loss``, ``test_accuracy``) for `step`.
+
+        Returns False (and stores nothing) when `step` is not in the evaluation schedule.
+        """
+        if not self.active or self.eval_schedule is None or step not in self.eval_schedule:
+            return False
+        self._raise_writer_error()
+        self._flush()
+        self._todo.put(("eval", self.eval_schedule.index(step), dict(metrics)))
+        return True
+
+    def _flush(self) -> None:
+        if self._chunk is not None and self._chunk.rows:
+            self._todo.put(("rows", self._chunk))
+        elif self._chunk is not None:
+            self._free.put(self._chunk)
+        self._chunk = None
+
+    # -- background writer --------------------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            item = self._todo.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._write(item)
+            except BaseException as exc:  # reported to the training thread
+                self._error = exc
+            finally:
+                if item is not None and item[0] == "rows":
+                    self._free.put(item[1])
+                self._todo.task_done()
+
+    def _write(self, item) -> None:
+        if item[0] == "eval":
+            self._writer.write_eval(item[1], item[2])
+            return
+        chunk: _Chunk = item[1]
+        lo, hi = min(chunk.rows), max(chunk.rows) + 1
+        base = chunk.index * CHUNK_STEPS
+        self._writer.write_rows(
+            base + lo,
+            chunk.params[lo:hi],
+            chunk.buffers[lo:hi],
+            chunk.grad_norm[lo:hi],
+            {name: col[lo:hi] for name, col in chunk.scalars.items()},
+        )
+        self._writer.commit(base + np.asarray(chunk.rows))
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing to {self.path} failed: {self._error}") from self._error
+
+    def flush(self) -> None:
+        """Write everything recorded so far and wait until it is committed."""
+        if not self.active or self._closed:
+            return
+        self._flush()
+        self._todo.join()
+        self._raise_writer_error()
+
+    def close(self) -> None:
+        """Flush, stop the writer and re-consolidate metadata; raise any writer error."""
+        if self._closed or not self.active:
+            self._closed = True
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._todo.put(None)
+            self._thread.join()
+            if self._error is None:
+                self._writer.close()
+        self._raise_writer_error()
+
+    @property
+    def writer(self) -> HistoryWriter | None:
+        """The store writer (None on non-writing ranks)."""
+        return self._writer if self.active else None
+
+    @property
+    def specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The parameter and buffer tables of the recorded model."""
+        return self.params, self.buffers
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
