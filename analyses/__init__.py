@@ -1,0 +1,1 @@
+"""Analyses of recorded histories and the experiments that train from them."""

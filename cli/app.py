@@ -1,0 +1,26 @@
+"""The `ckpt` application: one module per command, registered here."""
+
+from __future__ import annotations
+
+import typer
+from ckpt_tools.cli import info, record
+from ckpt_tools.cli.errors import state
+
+app = typer.Typer(
+    name="ckpt",
+    help="Record dense early-phase checkpoints into Zarr and analyse them with xarray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    state.debug = debug
+
+
+app.command("record")(record.record)
+app.command("info")(info.info)

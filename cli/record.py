@@ -1,0 +1,87 @@
+"""`ckpt record`: train a built-in model on a dataset and record it densely."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ckpt_tools.train import TrainConfig, train, with_overrides
+
+__all__ = ["record"]
+
+
+class Device(StrEnum):
+    """Where to train."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def default_out(config: TrainConfig) -> Path:
+    """A descriptive store name under ``runs/``, e.g. ``runs/resnet20-digits-s0-1000.zarr``."""
+    return Path("runs") / f"{config.model}-{config.dataset}-s{config.seed}-{config.steps}.zarr"
+
+
+def progress_bar(total: int, label: str) -> Progress:
+    """The rich progress bar used by the training commands."""
+    return Progress(
+        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+    )
+
+
+@friendly
+def record(
+    model: Annotated[str, typer.Option(help="Built-in model, e.g. resnet20, vgg11, lenet300, convnet.")] = TrainConfig.model,  # noqa: E501
+    dataset: Annotated[str, typer.Option(help="digits (embedded), fashion-mnist, mnist, cifar10, cifar100, svhn.")] = TrainConfig.dataset,  # noqa: E501
+    data_root: Annotated[Path | None, typer.Option(help="Directory holding the dataset files.")] = None,  # noqa: E501
+    steps: Annotated[int | None, typer.Option(help="Optimizer updates to train.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per update.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (first-stage channels).")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Checkpoint schedule: text form (0:100:1,100:1000:10) or preset (dense-early, paper, pythia).")] = None,  # noqa: E501
+    eval_schedule: Annotated[str | None, typer.Option(help="Steps at which to evaluate on the test split (sparser).")] = None,  # noqa: E501
+    device: Annotated[Device, typer.Option(help="Device to train on.")] = Device.cpu,
+    out: Annotated[Path | None, typer.Option(help="Store to write (default: runs/<model>-<dataset>-s<seed>-<steps>.zarr).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing recorded history.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this store.")] = None,  # noqa: E501
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a model and record dense checkpoints into a Zarr store."""
+    if resume is not None:
+        from ckpt_tools.resume import resume_run
+
+        out_path, last = resume_run(resume, quiet=quiet)
+        typer.echo(f"resumed {out_path}: recorded up to step {last}")
+        return
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise fail("--device cuda given but no CUDA device is available", USAGE)
+    config = with_overrides(
+        TrainConfig(), model=model, dataset=dataset,
+        data_root=str(data_root) if data_root else None, steps=steps, batch_size=batch_size,
+        lr=lr, seed=seed, width=width, schedule=schedule, eval_schedule=eval_schedule,
+        device=device.value,
+    )
+    config.checkpoint_schedule()  # malformed schedules fail before any work
+    config.evaluation_schedule()
+    out = out or default_out(config)
+    if out == default_out(config):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bar(config.steps, f"{config.model} on {config.dataset}") as bar:
+        task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
+        result = train(
+            config, out, overwrite=overwrite,
+            on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
+        )
+    acc = result.final_eval.get("test_accuracy")
+    summary = f", test accuracy {acc:.4f}" if acc is not None else ""
+    typer.echo(f"recorded {out} (group '{result.group}', last step {result.last_step}{summary})")
