@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny recorded run, reused read-only by every test that needs one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ckpt_tools.train import TrainConfig, train
+
+TINY = TrainConfig(
+    model="convnet",
+    dataset="digits",
+    width=8,
+    steps=40,
+    batch_size=64,
+    schedule="0:20:1,20:41:5",
+    eval_schedule="0:41:20",
+    seed=0,
+)
+"""The shared tiny run: a small conv net on the embedded digits, 40 updates, 26 checkpoints."""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A recorded store of `TINY` (treat it as read-only; copy it with `tiny_copy`)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny.zarr"
+    train(TINY, out)
+    return out
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path) -> Path:
+    """A private, writable copy of the tiny recorded store."""
+    dst = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny_run, dst)
+    return dst
