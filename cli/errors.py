@@ -50,9 +50,8 @@ def friendly(command: Callable) -> Callable:
         except Exception as exc:
             if state.debug:
                 raise
-            code = FAILURE if isinstance(exc, _NOT_USAGE) else USAGE
-            if not isinstance(exc, ValueError | KeyError | _NOT_USAGE):
-                code = FAILURE
+            usage = isinstance(exc, ValueError | KeyError) and not isinstance(exc, _NOT_USAGE)
+            code = USAGE if usage else FAILURE
             message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise fail(message, code) from None
         finally:

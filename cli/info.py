@@ -41,20 +41,17 @@ def info(
                   f"{_size(summary['size_on_disk'])} on disk")
     console.print(f"created {prov.get('created')}  git {prov.get('git_sha') or '-'}")
     console.print(versions)
-    table = Table(title="recorded histories")
-    for col in ("group", "steps", "first", "last", "layers (prunable)", "parameters",
-                "raw", "stored", "stored/raw"):
-        table.add_column(col, justify="left" if col == "group" else "right")
     for g in summary["groups"]:
-        table.add_row(
-            g["group"], str(g["steps"]), str(g["first_step"]), str(g["last_step"]),
-            f"{g['layers']} ({g['prunable_layers']})", f"{g['parameters']:,}",
-            _size(g["raw_bytes"]), _size(g["stored_bytes"]), f"{g['ratio']:.3f}",
-        )
-    console.print(table)
-    for g in summary["groups"]:
-        config = g["config"]
-        if config:
-            shown = {k: v for k, v in config.items() if v is not None}
-            console.print(f"[bold]{g['group']}[/bold] config: " + ", ".join(
-                f"{k}={v}" for k, v in shown.items()))
+        table = Table(title=f"history '{g['group']}'", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        table.add_row("steps", f"{g['steps']} recorded ({g['first_step']} to {g['last_step']}; "
+                               f"{g['scheduled_steps']} scheduled)")
+        table.add_row("layers", f"{g['layers']} tensors ({g['prunable_layers']} prunable)")
+        table.add_row("parameters", f"{g['parameters']:,} (+ {g['buffer_elements']:,} in buffers)")
+        table.add_row("stored", f"{_size(g['stored_bytes'])} of {_size(g['raw_bytes'])} raw "
+                                f"float32: stored/raw = {g['ratio']:.3f}")
+        shown = {k: v for k, v in g["config"].items() if v is not None}
+        if shown:
+            table.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))
+        console.print(table)
