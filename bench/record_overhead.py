@@ -94,13 +94,14 @@ def main() -> None:
         base = statistics.median(times["baseline"])
         rec = statistics.median(times["record"])
         save = statistics.median(times["torch.save"])
-        print(f"\n{case}: per step baseline {base / args.steps * 1e3:.2f} ms, "
-              f"record {rec / args.steps * 1e3:.2f} ms, torch.save {save / args.steps * 1e3:.2f} ms")
+        per_step = {k: statistics.median(v) / args.steps * 1e3 for k, v in times.items()}
+        print(f"\n{case}: ms per step " + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items()))
         print(f"  recording every step adds  {rec / base - 1:+.1%} to the loop's wall time")
         print(f"  torch.save every step adds {save / base - 1:+.1%}")
         extra_rec, extra_save = rec - base, save - base
         if extra_rec > 0:
-            print(f"  torch.save's added time / recording's added time = {extra_save / extra_rec:.1f}x")
+            ratio = extra_save / extra_rec
+            print(f"  torch.save's added time / recording's added time = {ratio:.1f}x")
         else:
             print("  recording added no measurable time")
         print("  raw: " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v)
