@@ -10,6 +10,7 @@ rewinding), and resumed exactly after a crash.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,8 +23,11 @@ from ckpt_tools import batches, models
 from ckpt_tools import data as datasets
 from ckpt_tools.recorder import Recorder
 from ckpt_tools.schedule import Schedule
+from ckpt_tools.store import check_state_dict, read_group_meta, read_resume_point
+from ckpt_tools.train_state import StopOnSignal, capture, restore
 
 __all__ = [
+    "Task",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
@@ -97,6 +101,22 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+@dataclass(frozen=True)
+class Task:
+    """Another objective for the same model and data (pre-training on a pretext task).
+
+    Attributes:
+        prepare: Applied once to the loaded dataset, before the model is built: e.g.
+            random labels, a subset of the training split, or another ``num_classes``
+            (the size of the model's head).
+        transform: Applied to every normalised batch as ``transform(x, y, step) -> (x, y)``;
+            ``step`` is the update (1-based) for training batches and 0 for evaluation.
+    """
+
+    prepare: Callable[[datasets.ImageData], datasets.ImageData] | None = None
+    transform: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, ...]] | None = None
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; what was recorded before stays in the store."""
 
@@ -109,9 +129,13 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return lr
 
 
-def build(config: TrainConfig) -> tuple[nn.Module, datasets.ImageData]:
-    """Load the dataset and build the model, initialised from `config.seed`."""
+def build(
+    config: TrainConfig, *, task: Task | None = None
+) -> tuple[nn.Module, datasets.ImageData]:
+    """Load the dataset (``task.prepare``d) and build the model, initialised from `config.seed`."""
     data = datasets.load(config.dataset, root=config.data_root)
+    if task is not None and task.prepare is not None:
+        data = task.prepare(data)
     torch.manual_seed(config.seed)
     model = models.build(
         config.model, num_classes=data.num_classes, in_channels=data.in_channels,
@@ -122,13 +146,19 @@ def build(config: TrainConfig) -> tuple[nn.Module, datasets.ImageData]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: datasets.ImageData, *, batch_size: int = 1000, device="cpu"
+    model: nn.Module, data: datasets.ImageData, *, batch_size: int = 1000, device="cpu",
+    transform: Callable | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over the whole test split (eval mode)."""
+    """Mean cross-entropy and accuracy over the whole test split (eval mode).
+
+    `transform` (a `Task.transform`) is applied to every test batch with ``step`` 0.
+    """
     was_training = model.training
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     for x, y in batches.test_batches(data, batch_size, device=device):
+        if transform is not None:
+            x, y = transform(x, y, 0)
         logits = model(x)
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -158,6 +188,13 @@ def _apply_mask(model: nn.Module, mask: Mapping[str, torch.Tensor], *, grads: bo
             p.data.mul_(m)
 
 
+def _same_threads(meta: Mapping) -> None:
+    # CPU reductions split their work by thread: the count changes the last bits.
+    threads = meta.get("torch_threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -170,6 +207,9 @@ def train(
     schedule: Schedule | None = None,
     extra_attrs: Mapping | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    task: Task | None = None,
+    resume: bool = False,
+    resume_interval: float | None = 30.0,
 ) -> TrainResult:
     """Train `config` and record it into the group `group` of the store `out`.
 
@@ -185,14 +225,30 @@ def train(
         schedule: Checkpoint schedule (default: `config.checkpoint_schedule()`).
         extra_attrs: Extra JSON-able attributes stored with the group (e.g. IMP level).
         on_step: Called as `on_step(step, loss)` after each update (progress bars).
+        task: Train on another objective (see `Task`); evaluation uses it too.
+        resume: Continue the existing group `group` from its latest resume point (from
+            its start if it has none), bit for bit as if never interrupted. Pass the same
+            arguments as the interrupted call.
+        resume_interval: Seconds between resume points (0: after every update; None:
+            none, except when stopped by a signal).
+
+    Ctrl-C (SIGINT) or SIGTERM stops the loop at the next step boundary, with a resume
+    point there.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the store keeps what was
             recorded up to then).
+        TrainingInterrupted: stopped by SIGINT/SIGTERM (resume with ``resume=True``).
+        StoreError: `init` does not fit the model, or the group to resume was recorded
+            with another configuration or architecture.
     """
     device = torch.device(config.device)
-    model, data = build(config)
+    if resume:
+        _same_threads(read_group_meta(out, group))
+    model, data = build(config, task=task)
+    transform = task.transform if task is not None else None
     if init is not None:
+        check_state_dict(init, model)
         model.load_state_dict(init)
     masks = None
     if mask is not None:
@@ -208,20 +264,30 @@ def train(
     evals = config.evaluation_schedule()
     attrs = {**config.to_dict(), **dict(extra_attrs or {}), "start_step": start_step}
     result = TrainResult(Path(out), group, start_step)
-    with Recorder(
+    with StopOnSignal() as stop, Recorder(
         out, model, sched, group=group, config=attrs, optimizer=opt,
-        eval_schedule=evals, overwrite=overwrite,
+        eval_schedule=evals, overwrite=overwrite, resume=resume,
     ) as rec:
-        rec.record(start_step)
-        if start_step in evals:
-            rec.log_eval(start_step, **evaluate(model, data, batch_size=config.eval_batch_size,
-                                                device=device))
-        for step in range(start_step + 1, config.steps + 1):
+        point = read_resume_point(out, group) if resume else None
+        if point is None:
+            rec.record(start_step)
+            if start_step in evals:
+                rec.log_eval(start_step, **evaluate(
+                    model, data, batch_size=config.eval_batch_size, device=device,
+                    transform=transform))
+        else:
+            restore(point, model, opt)
+            result.last_step = point.step
+            result.final_eval = dict(point.info.get("last_eval") or {})
+        next_point = time.monotonic() + (resume_interval or 0.0)
+        for step in range(result.last_step + 1, config.steps + 1):
             for g in opt.param_groups:
                 g["lr"] = lr_at(config, step)
             x, y = batches.batch_for_step(
                 data, step, batch_size=config.batch_size, seed=config.order_seed, device=device
             )
+            if transform is not None:
+                x, y = transform(x, y, step)
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=False)
             loss.backward()
@@ -242,11 +308,20 @@ def train(
                 data, config.batch_size))
             result.last_step = step
             if step in evals:
-                metrics = evaluate(model, data, batch_size=config.eval_batch_size, device=device)
+                metrics = evaluate(model, data, batch_size=config.eval_batch_size, device=device,
+                                   transform=transform)
                 rec.log_eval(step, **metrics)
                 result.final_eval = metrics
             if on_step is not None:
                 on_step(step, value)
+            due = resume_interval is not None and time.monotonic() >= next_point
+            if step < config.steps and (due or stop.signum is not None):
+                rec.save_resume_point(capture(step, model, opt,
+                                              info={"last_eval": result.final_eval}))
+                next_point = time.monotonic() + (resume_interval or 0.0)
+                if stop.signum is not None:
+                    raise stop.interrupted(step, out, group)
+        rec.mark_complete()
     return result
 
 

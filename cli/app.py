@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typer
-from ckpt_tools.cli import info, record
+from ckpt_tools.cli import ablate, analyze, imp, info, instability, pretrain, record, report
 from ckpt_tools.cli.errors import state
 
 app = typer.Typer(
@@ -24,3 +24,9 @@ def _main(
 
 app.command("record")(record.record)
 app.command("info")(info.info)
+app.command("analyze")(analyze.analyze)
+app.command("report")(report.report)
+app.command("imp")(imp.imp)
+app.command("instability")(instability.instability)
+app.command("ablate")(ablate.ablate)
+app.command("pretrain")(pretrain.pretrain)

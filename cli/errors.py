@@ -11,6 +11,7 @@ import typer
 
 from ckpt_tools.store import StoreError
 from ckpt_tools.train import TrainingDiverged
+from ckpt_tools.train_state import TrainingInterrupted
 
 __all__ = ["USAGE", "fail", "friendly", "state"]
 
@@ -45,6 +46,9 @@ def friendly(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except TrainingInterrupted as exc:
+            typer.secho(" ".join(str(exc).split()), err=True, fg="yellow")
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except Exception as exc:

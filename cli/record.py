@@ -35,8 +35,45 @@ def progress_bar(total: int, label: str) -> Progress:
     )
 
 
+_RESUMABLE_OPTIONS = ("model", "dataset", "data_root", "steps", "batch_size", "lr", "seed",
+                      "width", "schedule", "eval_schedule", "device")
+
+
+def _resume(ctx: typer.Context, path: Path, *, quiet: bool, interval: float) -> None:
+    from ckpt_tools.resume import resume_run, resume_status
+
+    given = {}
+    for name in _RESUMABLE_OPTIONS:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            value = ctx.params[name]
+            if isinstance(value, Device):
+                value = value.value
+            elif isinstance(value, Path):
+                value = str(value)
+            given[name] = value
+    status = resume_status(path)
+    if status.complete:
+        typer.echo(f"{path}: the run is complete (step {status.config.steps}); "
+                   "nothing to resume")
+        return
+    start = status.from_step or 0
+    with progress_bar(status.config.steps, f"resuming {path.name}") as bar:
+        task = bar.add_task("train", total=status.config.steps, completed=start,
+                            loss=float("nan"), visible=not quiet)
+        result = resume_run(
+            path, overrides=given, resume_interval=interval,
+            on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
+        )
+    acc = result.final_eval.get("test_accuracy")
+    summary = f", test accuracy {acc:.4f}" if acc is not None else ""
+    typer.echo(f"resumed {path} from step {start}: recorded up to step {result.last_step}"
+               f"{summary}")
+
+
 @friendly
 def record(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Built-in model, e.g. resnet20, vgg11, lenet300, convnet.")] = TrainConfig.model,  # noqa: E501
     dataset: Annotated[str, typer.Option(help="digits (embedded), fashion-mnist, mnist, cifar10, cifar100, svhn.")] = TrainConfig.dataset,  # noqa: E501
     data_root: Annotated[Path | None, typer.Option(help="Directory holding the dataset files.")] = None,  # noqa: E501
@@ -50,15 +87,18 @@ def record(
     device: Annotated[Device, typer.Option(help="Device to train on.")] = Device.cpu,
     out: Annotated[Path | None, typer.Option(help="Store to write (default: runs/<model>-<dataset>-s<seed>-<steps>.zarr).")] = None,  # noqa: E501
     overwrite: Annotated[bool, typer.Option(help="Replace an existing recorded history.")] = False,
-    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this store.")] = None,  # noqa: E501
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this store, bit for bit.")] = None,  # noqa: E501
+    resume_interval: Annotated[float, typer.Option(min=0.0, help="Seconds between resume points (0: after every update).")] = 30.0,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Train a model and record dense checkpoints into a Zarr store."""
-    if resume is not None:
-        from ckpt_tools.resume import resume_run
+    """Train a model and record dense checkpoints into a Zarr store.
 
-        out_path, last = resume_run(resume, quiet=quiet)
-        typer.echo(f"resumed {out_path}: recorded up to step {last}")
+    Ctrl-C stops at the next step with a resume point; `--resume RUN.zarr` continues.
+    """
+    if resume is not None:
+        if out is not None or overwrite:
+            raise fail("--resume continues the store it names; drop --out/--overwrite", USAGE)
+        _resume(ctx, resume, quiet=quiet, interval=resume_interval)
         return
     if device is Device.cuda:
         import torch
@@ -79,7 +119,7 @@ def record(
     with progress_bar(config.steps, f"{config.model} on {config.dataset}") as bar:
         task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
         result = train(
-            config, out, overwrite=overwrite,
+            config, out, overwrite=overwrite, resume_interval=resume_interval,
             on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
         )
     acc = result.final_eval.get("test_accuracy")

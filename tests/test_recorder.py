@@ -109,10 +109,10 @@ def test_existing_group_is_refused_then_overwritten_keeping_others(tmp_path):
 def test_writer_errors_reach_the_training_loop(tmp_path, monkeypatch):
     from ckpt_tools.store import HistoryWriter
 
-    def broken(self, *args, **kwargs):
+    async def broken(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(HistoryWriter, "write_rows", broken)
+    monkeypatch.setattr(HistoryWriter, "write_rows_async", broken)
     rec = ckpt_tools.Recorder(tmp_path / "r.zarr", _Net(), "0:40:1")
     rec.record(0)
     with pytest.raises(RuntimeError, match="No space left"):

@@ -3,35 +3,57 @@
 Layout and guarantees are documented in ``docs/store-format.md``.
 """
 
+from ckpt_tools.store.compat import check_model, check_state_dict, first_mismatch
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
     FORMAT_VERSION,
     StoreError,
     check_group_name,
+    check_name,
 )
+from ckpt_tools.store.lock import GroupLock
 from ckpt_tools.store.reader import (
     history_groups,
+    history_meta,
     open_history,
     open_tree,
     read_root,
     read_row,
     store_info,
 )
-from ckpt_tools.store.writer import HistoryWriter, consolidate
+from ckpt_tools.store.results import list_results, read_result, result_path, write_result
+from ckpt_tools.store.resume import ResumePoint, read_group_meta, read_resume_point
+from ckpt_tools.store.safety import check_store
+from ckpt_tools.store.writer import HistoryWriter, consolidate, remove_partials
 
 __all__ = [
     "ATTRS_KEY",
     "CHUNK_STEPS",
     "FORMAT_VERSION",
+    "GroupLock",
     "HistoryWriter",
+    "ResumePoint",
     "StoreError",
     "check_group_name",
+    "check_model",
+    "check_name",
+    "check_state_dict",
+    "check_store",
     "consolidate",
+    "first_mismatch",
     "history_groups",
+    "history_meta",
+    "list_results",
     "open_history",
     "open_tree",
+    "read_group_meta",
+    "read_result",
+    "read_resume_point",
     "read_row",
     "read_root",
+    "remove_partials",
+    "result_path",
     "store_info",
+    "write_result",
 ]

@@ -10,11 +10,20 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ckpt_tools.store.layout import ATTRS_KEY, FORMAT_VERSION, StoreError, check_group_name
+from ckpt_tools.store.layout import (
+    ATTRS_KEY,
+    CHUNK_STEPS,
+    FORMAT_VERSION,
+    StoreError,
+    check_group_name,
+)
+from ckpt_tools.store.resume import RESUME_ARRAYS
+from ckpt_tools.store.safety import check_store
 from ckpt_tools.tensors import TensorSpec, specs_from_json
 
 __all__ = [
     "history_groups",
+    "history_meta",
     "open_history",
     "open_tree",
     "read_row",
@@ -27,19 +36,21 @@ def read_root(path: str | Path) -> zarr.Group:
     """Open the root group read-only after checking it is a ckpt-tools store.
 
     Raises:
-        StoreError: missing path, not a Zarr v3 store, not ours, or a newer format.
+        StoreError: missing path, not a Zarr v3 store, not ours, a newer format, or
+            metadata that is damaged or unsafe to decode (see `check_store`).
     """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path} does not exist; pass the path of a recorded store (RUN.zarr)")
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); is it the right path?")
+    check_store(path)
     try:
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
         meta = root.attrs.get(ATTRS_KEY)
     except Exception as exc:  # corrupt or truncated metadata
         raise StoreError(f"{path}: unreadable store metadata ({exc.__class__.__name__})") from exc
-    if not isinstance(meta, dict) or "format_version" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
         raise StoreError(f"{path} is a Zarr store but not a ckpt-tools store")
     if int(meta["format_version"]) > FORMAT_VERSION:
         raise StoreError(
@@ -53,13 +64,18 @@ def history_groups(path: str | Path) -> list[str]:
     """Paths of every recorded history group in the store, e.g. ``["train", "imp/level_1"]``."""
     root = read_root(path)
     found = []
-    for name, group in root.groups():
-        found.extend(_histories(name, group))
+    try:
+        for name, group in root.groups():
+            found.extend(_histories(name, group))
+    except Exception as exc:  # damaged metadata below the root
+        raise StoreError(f"{path}: cannot list its groups ({exc.__class__.__name__}); the "
+                         "store is damaged") from exc
     return sorted(found)
 
 
 def _histories(name: str, group: zarr.Group) -> list[str]:
-    out = [name] if group.attrs.get(ATTRS_KEY, {}).get("kind") == "history" else []
+    meta = group.attrs.get(ATTRS_KEY)
+    out = [name] if isinstance(meta, dict) and meta.get("kind") == "history" else []
     for child, sub in group.groups():
         out.extend(_histories(f"{name}/{child}", sub))
     return out
@@ -68,16 +84,35 @@ def _histories(name: str, group: zarr.Group) -> list[str]:
 def _history_group(path: str | Path, group: str) -> zarr.Group:
     check_group_name(group)
     root = read_root(path)
-    if group not in root:
+    try:
+        node = root.get(group, None)
+    except Exception as exc:  # damaged metadata below the root
+        raise StoreError(f"group '{group}' in {path}: unreadable metadata "
+                         f"({exc.__class__.__name__})") from exc
+    if node is None:
         known = ", ".join(history_groups(path)) or "none"
         raise StoreError(f"{path} has no group '{group}' (recorded histories: {known})")
-    node = root[group]
-    if node.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
+    meta = node.attrs.get(ATTRS_KEY) if isinstance(node, zarr.Group) else None
+    if not isinstance(meta, dict) or meta.get("kind") != "history":
         raise StoreError(f"group '{group}' in {path} is not a recorded history")
+    for key in ("params", "buffers"):
+        if not isinstance(meta.get(key), list):
+            raise StoreError(f"group '{group}' in {path} has damaged attributes (no '{key}' "
+                             "table)")
     return node
 
 
+def history_meta(path: str | Path, group: str = "train") -> dict:
+    """The ``ckpt_tools`` attributes of one history group (config, tables, schedule).
+
+    Raises:
+        StoreError: if the store or the group is missing or not a history.
+    """
+    return dict(_history_group(path, group).attrs[ATTRS_KEY])
+
+
 def _committed_only(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.drop_vars([n for n in RESUME_ARRAYS if n in ds.variables])
     if "committed" not in ds or "step" not in ds.dims:
         return ds
     keep = np.flatnonzero(np.asarray(ds["committed"].values, dtype=bool))
@@ -103,11 +138,18 @@ def open_tree(path: str | Path) -> xr.DataTree:
         StoreError: if `path` is not a readable ckpt-tools store.
     """
     read_root(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        tree = xr.open_datatree(os.fspath(path), **_open_kwargs())
-    nodes = {node.path: _committed_only(node.to_dataset(inherit=False)) for node in tree.subtree}
-    return xr.DataTree.from_dict(nodes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            tree = xr.open_datatree(os.fspath(path), **_open_kwargs())
+        nodes = {node.path: _committed_only(node.to_dataset(inherit=False))
+                 for node in tree.subtree}
+        return xr.DataTree.from_dict(nodes)
+    except StoreError:
+        raise
+    except Exception as exc:  # damaged metadata or chunks of the step/committed arrays
+        raise StoreError(f"{path}: cannot open the store ({exc.__class__.__name__}: "
+                         f"{_first_line(exc)}); the store is damaged") from exc
 
 
 def open_history(path: str | Path, group: str = "train") -> xr.Dataset:
@@ -117,8 +159,25 @@ def open_history(path: str | Path, group: str = "train") -> xr.Dataset:
         StoreError: if the store or the group is missing or not a history.
     """
     _history_group(path, group)
-    ds = xr.open_zarr(os.fspath(path), group=group, chunks={}, consolidated=True)
-    return _committed_only(ds)
+    try:
+        ds = xr.open_zarr(os.fspath(path), group=group, chunks={}, consolidated=True)
+        return _committed_only(ds)
+    except Exception as exc:  # damaged metadata or chunks of the step/committed arrays
+        raise StoreError(f"group '{group}' in {path}: cannot open ({exc.__class__.__name__}: "
+                         f"{_first_line(exc)}); the store is damaged") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def _read(node: zarr.Group, name: str, index: int, where: str, chunk: str) -> np.ndarray:
+    try:
+        return np.asarray(node[name][index])
+    except Exception as exc:  # a chunk that does not decode
+        raise StoreError(f"{where}: cannot read '{name}' (chunk {name}/c/{chunk}: "
+                         f"{exc.__class__.__name__}); the store is damaged") from exc
 
 
 def read_row(
@@ -134,8 +193,11 @@ def read_row(
             nearest stored steps).
     """
     node = _history_group(path, group)
-    steps = np.asarray(node["step"][:])
-    committed = np.asarray(node["committed"][:], dtype=bool)
+    where = f"group '{group}' in {path}"
+    steps = _read(node, "step", slice(None), where, "0")
+    committed = _read(node, "committed", slice(None), where, "0").astype(bool)
+    if steps.shape != committed.shape:
+        raise StoreError(f"{where}: 'step' and 'committed' disagree in length; damaged")
     stored = steps[committed]
     hits = np.flatnonzero((steps == step) & committed)
     if not hits.size:
@@ -146,15 +208,51 @@ def read_row(
         )
     i = int(hits[0])
     meta = node.attrs[ATTRS_KEY]
-    params = np.asarray(node["params"][i])
-    buffers = np.asarray(node["buffers"][i])
+    at = f"{where}, step {step}"
+    params = _read(node, "params", i, at, f"{i // CHUNK_STEPS}/*")
+    buffers = _read(node, "buffers", i, at, f"{i // CHUNK_STEPS}/*")
     if np.isnan(params).any():
         raise StoreError(f"step {step} in '{group}' of {path} holds NaN weights: corrupt chunk?")
-    return params, buffers, specs_from_json(meta["params"]), specs_from_json(meta["buffers"])
+    try:
+        p_specs, b_specs = specs_from_json(meta["params"]), specs_from_json(meta["buffers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{where}: damaged tensor tables ({exc.__class__.__name__})") from exc
+    for specs, row, name in ((p_specs, params, "params"), (b_specs, buffers, "buffers")):
+        if (specs[-1].stop if specs else 0) != row.shape[-1]:
+            raise StoreError(f"{where}: the '{name}' table does not match the array width; "
+                             "damaged")
+    return params, buffers, p_specs, b_specs
 
 
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _group_info(path: Path, name: str) -> dict:
+    node = _history_group(path, name)
+    meta = node.attrs[ATTRS_KEY]
+    where = f"group '{name}' in {path}"
+    flags = _read(node, "committed", slice(None), where, "0").astype(bool)
+    steps = _read(node, "step", slice(None), where, "0")[flags]
+    n_params = int(node["params"].shape[1])
+    n_buffers = int(node["buffers"].shape[1])
+    raw = int(len(steps)) * (n_params + n_buffers) * 4
+    stored = _du(path / name / "params") + _du(path / name / "buffers")
+    return {
+        "group": name,
+        "steps": len(steps),
+        "first_step": int(steps[0]) if len(steps) else None,
+        "last_step": int(steps[-1]) if len(steps) else None,
+        "scheduled_steps": int(node["step"].shape[0]),
+        "layers": len(meta["params"]),
+        "prunable_layers": sum(1 for p in meta["params"] if p["prunable"]),
+        "parameters": n_params,
+        "buffer_elements": n_buffers,
+        "raw_bytes": raw,
+        "stored_bytes": stored,
+        "ratio": stored / raw if raw else float("nan"),
+        "config": meta.get("config", {}),
+    }
 
 
 def store_info(path: str | Path) -> dict:
@@ -163,30 +261,13 @@ def store_info(path: str | Path) -> dict:
     path = Path(path)
     groups = []
     for name in history_groups(path):
-        node = root[name]
-        meta = node.attrs[ATTRS_KEY]
-        steps = np.asarray(node["step"][:])[np.asarray(node["committed"][:], dtype=bool)]
-        n_params = int(node["params"].shape[1])
-        n_buffers = int(node["buffers"].shape[1])
-        raw = int(len(steps)) * (n_params + n_buffers) * 4
-        stored = _du(path / name / "params") + _du(path / name / "buffers")
-        groups.append(
-            {
-                "group": name,
-                "steps": len(steps),
-                "first_step": int(steps[0]) if len(steps) else None,
-                "last_step": int(steps[-1]) if len(steps) else None,
-                "scheduled_steps": int(node["step"].shape[0]),
-                "layers": len(meta["params"]),
-                "prunable_layers": sum(1 for p in meta["params"] if p["prunable"]),
-                "parameters": n_params,
-                "buffer_elements": n_buffers,
-                "raw_bytes": raw,
-                "stored_bytes": stored,
-                "ratio": stored / raw if raw else float("nan"),
-                "config": meta.get("config", {}),
-            }
-        )
+        try:
+            groups.append(_group_info(path, name))
+        except StoreError:
+            raise
+        except Exception as exc:  # attributes or arrays that are not what we wrote
+            raise StoreError(f"group '{name}' in {path}: damaged metadata "
+                             f"({exc.__class__.__name__}: {_first_line(exc)})") from exc
     return {
         "path": str(path),
         "format_version": root.attrs[ATTRS_KEY]["format_version"],

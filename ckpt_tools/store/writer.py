@@ -5,11 +5,21 @@ filled with NaN, never 0.0: a phantom row of zeros would read as real weights) a
 are written in place, whole chunks of `CHUNK_STEPS` checkpoints at a time. A row becomes
 visible only when its `committed` flag is set, which happens after all of its arrays
 are written; every chunk and metadata file is replaced atomically (write, then rename).
+
+One writer at a time: a `HistoryWriter` holds its group's `GroupLock` from creation or
+reopening until `close`/`release`. Writers read metadata from each node's own
+``zarr.json`` (never the consolidated copy, which a crash can leave stale) and remove the
+``*.partial`` files that a killed writer leaves behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import shutil
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,23 +34,58 @@ from ckpt_tools.store.layout import (
     PARAM_CHUNK,
     StoreError,
     check_group_name,
+    check_name,
     lossless_compressor,
     time_major,
     to_json_safe,
 )
+from ckpt_tools.store.lock import LOCK_NAME, GroupLock
+from ckpt_tools.store.resume import ResumePoint, clear_resume_point, write_resume_point
+from ckpt_tools.store.safety import check_store
 from ckpt_tools.tensors import TensorSpec, specs_from_json, specs_to_json
 
 __all__ = ["HistoryWriter", "consolidate", "open_root_for_writing"]
 
 _SCALAR_CHUNK = 4096
+_STALE_PARTIAL_S = 60.0  # a metadata write takes milliseconds; older temp files are orphans
 
 
 def consolidate(path: str | Path) -> None:
-    """Rewrite the consolidated metadata that lets xarray open the store in one read."""
-    with warnings.catch_warnings():
-        # Consolidated metadata is an extension of Zarr v3 that other readers ignore.
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
+    """Rewrite the consolidated metadata that lets xarray open the store in one read.
+
+    Writers of different groups of one store take turns (a lock on the store directory),
+    so none overwrites the root metadata with a listing read before another's change.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # file systems without flock: best effort
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with warnings.catch_warnings():
+            # Consolidated metadata is an extension of Zarr v3 that other readers ignore;
+            # lock and temporary files are not part of the hierarchy.
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(path))
+    finally:
+        os.close(fd)
+
+
+def remove_partials(directory: Path, *, min_age_s: float = 0.0) -> int:
+    """Delete the ``*.partial`` temporary files a killed Zarr write left in `directory`.
+
+    Call it only under the lock of the group that owns `directory` (or with `min_age_s`
+    large enough that no live write can own the file). Returns how many were removed.
+    """
+    removed, now = 0, time.time()
+    for tmp in Path(directory).rglob("*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.is_file() and now - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _only_leftovers(directory: Path) -> bool:
+    return all(p.name == LOCK_NAME or p.name.endswith(".partial") for p in directory.iterdir())
 
 
 def open_root_for_writing(path: str | Path, root_attrs: Mapping) -> zarr.Group:
@@ -52,23 +97,29 @@ def open_root_for_writing(path: str | Path, root_attrs: Mapping) -> zarr.Group:
     path = Path(path)
     if path.exists():
         if not (path / "zarr.json").is_file():
-            if path.is_dir() and not any(path.iterdir()):
-                pass
-            else:
+            if not (path.is_dir() and _only_leftovers(path)):
                 raise StoreError(
                     f"{path} exists and is not a ckpt-tools store; choose a new --out path"
                 )
         else:
-            root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-            meta = root.attrs.get(ATTRS_KEY)
-            if not isinstance(meta, dict) or "format_version" not in meta:
+            attrs = check_store(path).get("attributes")
+            meta = attrs.get(ATTRS_KEY) if isinstance(attrs, dict) else None
+            if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
                 raise StoreError(f"{path} is a Zarr store but not a ckpt-tools store")
-            return root
-    if not path.parent.exists():
+            if int(meta["format_version"]) > FORMAT_VERSION:
+                raise StoreError(f"{path} has store format {meta['format_version']}, newer "
+                                 f"than this ckpt-tools writes ({FORMAT_VERSION}); upgrade it")
+            remove_partials(path, min_age_s=_STALE_PARTIAL_S)
+            return zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)
+    if not path.parent.is_dir():
         raise StoreError(f"directory {path.parent} does not exist; create it first")
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    root.attrs[ATTRS_KEY] = to_json_safe({"format_version": FORMAT_VERSION, **root_attrs})
-    return root
+    # The root's attributes go into its first metadata write: a crash never leaves a root
+    # that does not say it is a ckpt-tools store.
+    attrs = to_json_safe({"format_version": FORMAT_VERSION, **root_attrs})
+    try:
+        return zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={ATTRS_KEY: attrs})
+    except FileExistsError:
+        raise StoreError(f"{path} was created by another process just now; try again") from None
 
 
 def _float_array(group, name, shape, chunks, dims, *, compress=True):
@@ -87,20 +138,32 @@ def _float_array(group, name, shape, chunks, dims, *, compress=True):
 class HistoryWriter:
     """Writes rows of one history group (see ``docs/store-format.md``).
 
-    Not thread-safe: one `Recorder` writer thread owns it.
+    Not thread-safe: one `Recorder` writer thread owns it. It holds the group's lock
+    (`lock`) until `close` or `release`.
+
+    Raises:
+        StoreError: the group's layout is incomplete (its creation was interrupted).
     """
 
-    def __init__(self, root_path: Path, group: zarr.Group):
+    def __init__(self, root_path: Path, group: zarr.Group, lock: GroupLock | None = None):
         self.root_path = Path(root_path)
         self.group = group
+        self.lock = lock
         meta = group.attrs[ATTRS_KEY]
+        missing = [n for n in ("step", "committed", "params", "buffers", "grad_norm")
+                   if n not in group]
+        if missing:
+            raise StoreError(
+                f"group '{group.path}' in {root_path} is incomplete (no '{missing[0]}': its "
+                "creation was interrupted); record it again with --overwrite"
+            )
         self.params: list[TensorSpec] = specs_from_json(meta["params"])
         self.buffers: list[TensorSpec] = specs_from_json(meta["buffers"])
         self.steps = np.asarray(group["step"][:])
         self.n_params = sum(s.size for s in self.params)
         self._committed = group["committed"]
         self._scalars = {
-            n: group[n] for n in meta.get("scalars", []) if n in group.array_keys()
+            n: group[n] for n in meta.get("scalars", []) if check_name(n) and n in group
         }
 
     @classmethod
@@ -124,15 +187,62 @@ class HistoryWriter:
         """
         check_group_name(name)
         root = open_root_for_writing(path, root_attrs)
+        exists_msg = (f"group '{name}' already exists in {path}; pass --overwrite to replace "
+                      "it or --resume to continue it")
+        if name in root and not overwrite:
+            raise StoreError(exists_msg)
+        lock = GroupLock(Path(path) / name, f"group '{name}' in {path}").acquire()
+        try:
+            group = cls._fresh_group(root, Path(path), name, overwrite=overwrite,
+                                     exists_msg=exists_msg, attrs={
+                **attrs,
+                "kind": "history",
+                "params": specs_to_json(params),
+                "buffers": specs_to_json(buffers),
+                "scalars": [],
+                "eval_metrics": [],
+            })
+            cls._create_arrays(group, steps, params, buffers, eval_steps)
+            consolidate(path)
+            return cls(Path(path), group, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _fresh_group(
+        root: zarr.Group, path: Path, name: str, *, overwrite: bool, exists_msg: str,
+        attrs: Mapping,
+    ) -> zarr.Group:
+        # Under the group's lock: replace or create the group, its attributes first, so a
+        # crash right after leaves a group that says what it was meant to hold.
+        folder = path / name
+        if folder.is_symlink():
+            raise StoreError(f"{folder} is a symbolic link; refusing to write through it")
         if name in root:
             if not overwrite:
-                raise StoreError(
-                    f"group '{name}' already exists in {path}; pass --overwrite to replace it "
-                    "or --resume to continue it"
-                )
-            shutil.rmtree(Path(path) / name)
-            root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-        group = root.create_group(name)
+                raise StoreError(exists_msg)
+            for entry in folder.iterdir():
+                if entry.name == LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif folder.is_dir() and not _only_leftovers(folder):
+            raise StoreError(f"{folder} exists and is not a Zarr group; move it away first")
+        remove_partials(folder)
+        return root.create_group(name, attributes={ATTRS_KEY: to_json_safe(attrs)})
+
+    @classmethod
+    def _create_arrays(
+        cls,
+        group: zarr.Group,
+        steps: Sequence[int],
+        params: Sequence[TensorSpec],
+        buffers: Sequence[TensorSpec],
+        eval_steps: Sequence[int],
+    ) -> None:
         n_steps, n_layers = len(steps), len(params)
         n_params = sum(s.size for s in params)
         n_buffers = max(sum(s.size for s in buffers), 0)
@@ -164,18 +274,6 @@ class HistoryWriter:
                 dtype="int64", fill_value=-1, dimension_names=("eval_step",),
             )
             ev[:] = np.asarray(eval_steps, dtype=np.int64)
-        group.attrs[ATTRS_KEY] = to_json_safe(
-            {
-                **attrs,
-                "kind": "history",
-                "params": specs_to_json(params),
-                "buffers": specs_to_json(buffers),
-                "scalars": [],
-                "eval_metrics": [],
-            }
-        )
-        consolidate(path)
-        return cls(Path(path), group)
 
     @staticmethod
     def _write_table(group: zarr.Group, dim: str, specs: Sequence[TensorSpec]) -> None:
@@ -203,16 +301,26 @@ class HistoryWriter:
         """Open an existing history group to continue writing it (resume).
 
         Raises:
-            StoreError: if the store or group is missing or not a history.
+            StoreError: if the store or group is missing or not a history, or another
+                writer holds the group.
         """
         check_group_name(name)
         root = open_root_for_writing(path, {})
         if name not in root:
             raise StoreError(f"{path} has no group '{name}' to resume")
-        group = root[name]
-        if group.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
-            raise StoreError(f"group '{name}' in {path} is not a recorded history")
-        return cls(Path(path), group)
+        folder = Path(path) / name
+        if folder.is_symlink():
+            raise StoreError(f"{folder} is a symbolic link; refusing to write through it")
+        lock = GroupLock(folder, f"group '{name}' in {path}").acquire()
+        try:
+            group = root[name]
+            if group.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
+                raise StoreError(f"group '{name}' in {path} is not a recorded history")
+            remove_partials(folder)
+            return cls(Path(path), group, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     def update_attrs(self, **values) -> None:
         """Merge `values` into the group's ckpt_tools attributes and re-consolidate."""
@@ -227,12 +335,18 @@ class HistoryWriter:
 
     def _scalar(self, name: str):
         if name not in self._scalars:
+            check_name(name)
             n = len(self.steps)
-            self._scalars[name] = _float_array(
-                self.group, name, (n,), (min(n, _SCALAR_CHUNK),), ("step",), compress=False
-            )
+            if name in self.group:  # made just before a crash, not yet listed
+                self._scalars[name] = self.group[name]
+            else:
+                self._scalars[name] = _float_array(
+                    self.group, name, (n,), (min(n, _SCALAR_CHUNK),), ("step",),
+                    compress=False,
+                )
             meta = self.group.attrs[ATTRS_KEY]
-            self.update_attrs(scalars=[*meta.get("scalars", []), name])
+            if name not in meta.get("scalars", []):
+                self.update_attrs(scalars=[*meta.get("scalars", []), name])
         return self._scalars[name]
 
     def write_rows(
@@ -244,14 +358,33 @@ class HistoryWriter:
         scalars: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Write rows `start:start+len(params)` of every per-step array (not yet visible)."""
-        stop = start + len(params)
-        self.group["params"][start:stop] = params
+        for array, rows, values in self._row_writes(start, params, buffers, grad_norm, scalars):
+            array[rows] = values
+
+    async def write_rows_async(
+        self,
+        start: int,
+        params: np.ndarray,
+        buffers: np.ndarray,
+        grad_norm: np.ndarray | None = None,
+        scalars: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """`write_rows` on the caller's event loop, whose executor then runs the codecs.
+
+        The `Recorder` uses this to compress on its own low-priority threads.
+        """
+        writes = self._row_writes(start, params, buffers, grad_norm, scalars)
+        await asyncio.gather(*(a.async_array.setitem(rows, v) for a, rows, v in writes))
+
+    def _row_writes(self, start, params, buffers, grad_norm, scalars):
+        rows = slice(start, start + len(params))
+        writes = [(self.group["params"], rows, params)]
         if buffers.shape[1]:
-            self.group["buffers"][start:stop] = buffers
+            writes.append((self.group["buffers"], rows, buffers))
         if grad_norm is not None:
-            self.group["grad_norm"][start:stop] = grad_norm
-        for name, values in (scalars or {}).items():
-            self._scalar(name)[start:stop] = values
+            writes.append((self.group["grad_norm"], rows, grad_norm))
+        writes += [(self._scalar(name), rows, v) for name, v in (scalars or {}).items()]
+        return writes
 
     def commit(self, rows: np.ndarray) -> None:
         """Mark `rows` (indices along `step`) complete; call only after `write_rows`."""
@@ -264,22 +397,28 @@ class HistoryWriter:
         self._committed[lo:hi] = flags
 
     def write_eval(self, index: int, metrics: Mapping[str, float]) -> None:
-        """Write evaluation metrics at position `index` of `eval_step`."""
+        """Write evaluation metrics at position `index` of `eval_step`.
+
+        The first listed metric marks an evaluation as stored, so it is written last.
+        """
         group = self.group
         if "eval_step" not in group:
             raise StoreError("this history was created without an evaluation schedule")
-        new = [m for m in metrics if m not in group]
-        for name in new:
-            n = group["eval_step"].shape[0]
-            group.create_array(
-                name, shape=(n,), chunks=(n,), dtype="float64", fill_value=np.nan,
-                dimension_names=("eval_step",),
-            )
+        for name in metrics:
+            check_name(name)
+            if name not in group:
+                n = group["eval_step"].shape[0]
+                group.create_array(
+                    name, shape=(n,), chunks=(n,), dtype="float64", fill_value=np.nan,
+                    dimension_names=("eval_step",),
+                )
+        listed = group.attrs[ATTRS_KEY].get("eval_metrics", [])
+        new = [m for m in metrics if m not in listed]
         if new:
-            meta = group.attrs[ATTRS_KEY]
-            self.update_attrs(eval_metrics=[*meta.get("eval_metrics", []), *new])
-        for name, value in metrics.items():
-            group[name][index] = float(value)
+            self.update_attrs(eval_metrics=[*listed, *new])
+        marker = group.attrs[ATTRS_KEY]["eval_metrics"][0]
+        for name in sorted(metrics, key=lambda m: m == marker):
+            group[name][index] = float(metrics[name])
 
     def write_array(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
         """Write (or replace) a small auxiliary array in this group, e.g. resume state."""
@@ -291,6 +430,24 @@ class HistoryWriter:
         )
         arr[...] = values
 
-    def close(self) -> None:
-        """Re-consolidate metadata so readers see everything written."""
+    def save_resume_point(self, point: ResumePoint) -> None:
+        """Store `point` as the group's resume point (rows up to its step are committed)."""
+        write_resume_point(self.group, point)
         consolidate(self.root_path)
+
+    def mark_complete(self) -> None:
+        """Record that the history is finished and drop its resume state."""
+        clear_resume_point(self.group)
+        consolidate(self.root_path)
+
+    def close(self) -> None:
+        """Re-consolidate metadata so readers see everything written; release the lock."""
+        try:
+            consolidate(self.root_path)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the group's lock without touching the store (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()

@@ -1,0 +1,223 @@
+"""Charts of the ablations at step k and of pre-training before IMP: presentation only.
+
+Every ``chart_*`` function takes a summary already reduced over seeds by
+`ckpt_tools.analyses.stats.summarize` (a ``statistic`` dimension holding ``mean``,
+``low``, ``high``: the mean and its bootstrap interval) and draws the mean as points and
+lines and the interval as error bars. Inputs are only read. `figures` turns the reduced
+summaries of one store into named figures; `ablation_section` and `pretraining_section`,
+the report's sections, read each store's stored summaries and reduce them over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import numpy as np
+import xarray as xr
+
+__all__ = [
+    "PERMUTATION_KINDS",
+    "SIGN_MAGNITUDE_KINDS",
+    "ablation_section",
+    "chart_ablation_panel",
+    "chart_noise",
+    "chart_pretraining",
+    "figures",
+    "pretraining_section",
+]
+
+SIGN_MAGNITUDE_KINDS = (
+    "signs_k_mags_k", "signs_k_mags_0", "signs_0_mags_k", "signs_0_mags_0", "signs_k_mags_init",
+)
+PERMUTATION_KINDS = (
+    "signs_k_mags_k", "permute_layer", "permute_layer_signs", "permute_filter",
+    "permute_filter_signs", "permute_kernel", "permute_kernel_signs",
+)
+DISTRIBUTION_KINDS = ("signs_k_mags_k", "gaussian", "gaussian_signs", "random_reinit",
+                      "random_mask", "signs_0_mags_0")
+WIDTH, HEIGHT = 320, 220
+ACCURACY = alt.Scale(zero=False)
+
+
+def _rows(summary: xr.Dataset, var: str, keep: Sequence[str]) -> list[dict]:
+    """One row per cell of ``summary[var]`` with its mean, low and high."""
+    ds = summary[var].to_dataset(dim="statistic")  # coordinates come along as columns
+    for name in keep:
+        if name not in ds.variables:
+            ds[name] = summary[name]
+    table = ds.to_dataframe().reset_index()
+    table = table[np.isfinite(table["mean"])]
+    return [{k: _plain(v) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def _plain(value):
+    """A JSON-ready Python value (numpy scalars and string dtypes become int/float/str)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value if isinstance(value, int | float) else str(value)
+
+
+def _tooltip(rows: list[dict]) -> list[alt.Tooltip]:
+    if not rows:
+        return []
+    return [alt.Tooltip(f"{k}:{'Q' if isinstance(v, int | float) else 'N'}")
+            for k, v in rows[0].items()]
+
+
+def _points(rows: list[dict], x: alt.X, color: str, title: str, y_title: str) -> alt.Chart:
+    base = alt.Chart(alt.InlineData(values=rows), title=title).properties(
+        width=WIDTH, height=HEIGHT
+    )
+    y = alt.Y("mean:Q", title=y_title, scale=ACCURACY)
+    lines = base.mark_line(point=True).encode(x=x, y=y, color=alt.Color(f"{color}:N"),
+                                              tooltip=_tooltip(rows))
+    bars = base.mark_errorbar().encode(x=x, y=alt.Y("low:Q", title=y_title), y2="high:Q",
+                                       color=alt.Color(f"{color}:N"))
+    return lines + bars
+
+
+def chart_ablation_panel(
+    summary: xr.Dataset, kinds: Sequence[str], *, title: str, dense_accuracy: float | None = None
+) -> alt.TopLevelMixin:
+    """Test accuracy vs fraction of weights remaining (log axis) for some ablation kinds.
+
+    Args:
+        summary: `ablation_summary` reduced over seeds (dims kind, rewind_step, level,
+            statistic; ``remaining`` reduced too).
+        kinds: Which conditions to draw (those absent are skipped).
+        title: Chart title.
+        dense_accuracy: Drawn as a dashed rule (the dense run's final accuracy).
+
+    Returns:
+        One panel per rewind step, side by side.
+    """
+    present = [k for k in kinds if k in summary.kind.values]
+    sub = summary.sel(kind=present)
+    remaining = sub["remaining"].sel(statistic="mean", drop=True)
+    rows = _rows(sub.assign(remaining_mean=remaining), "test_accuracy", ["remaining_mean"])
+    x = alt.X("remaining_mean:Q", title="weights remaining (log)",
+              scale=alt.Scale(type="log", nice=False), axis=alt.Axis(format=".3~%"))
+    panels = []
+    for k in sub.rewind_step.values:
+        these = [r for r in rows if r["rewind_step"] == k]
+        chart = _points(these, x, "kind", f"{title}, rewind to step {k}", "test accuracy")
+        if dense_accuracy is not None and np.isfinite(dense_accuracy):
+            rule = alt.Chart(alt.InlineData(values=[{"dense": dense_accuracy}])).mark_rule(
+                strokeDash=[4, 4], color="gray").encode(y="dense:Q")
+            chart = chart + rule
+        panels.append(chart)
+    return alt.hconcat(*panels) if len(panels) > 1 else panels[0]
+
+
+def chart_noise(summary: xr.Dataset) -> alt.Chart:
+    """Test accuracy vs noise scale alpha, one line per (rewind step, level).
+
+    Args:
+        summary: `ablation_summary` reduced over seeds; the ``noise_alpha_<a>``
+            conditions are drawn at their alpha and ``signs_k_mags_k`` (no noise) at 0.
+    """
+    alpha = summary["alpha"].values.copy()
+    alpha[summary.kind.values == "signs_k_mags_k"] = 0.0
+    keep = np.isfinite(alpha)
+    sub = summary.isel(kind=np.flatnonzero(keep)).assign_coords(alpha=("kind", alpha[keep]))
+    rows = _rows(sub, "test_accuracy", ["alpha"])
+    for row in rows:
+        row["run"] = f"rewind {row['rewind_step']}, level {row['level']}"
+    x = alt.X("alpha:Q", title="noise scale alpha (layer standard deviations)")
+    return _points(rows, x, "run", "Gaussian noise added at step k", "test accuracy")
+
+
+def chart_pretraining(summary: xr.Dataset, *, references: xr.Dataset | None = None) -> alt.Chart:
+    """Test accuracy of the sparse networks vs pre-training steps, one panel per level.
+
+    Args:
+        summary: `pretrain_summary` reduced over seeds.
+        references: The IMP summary (``imp/summary``) reduced over seeds: its accuracy
+            at each level and rewind step is drawn as a dashed rule, labelled.
+    """
+    rows = _rows(summary, "test_accuracy", [])
+    panels = []
+    x = alt.X("pretrain_steps:Q", title="pre-training steps")
+    for level in summary.level.values:
+        these = [r for r in rows if r["level"] == level]
+        if not these:
+            continue
+        chart = _points(these, x, "task", f"level {level}", "test accuracy")
+        if references is not None and level in references.level.values:
+            ref = references["test_accuracy"].sel(level=level, statistic="mean")
+            marks = [{"accuracy": float(v), "reference": f"IMP rewind to {int(k)}"}
+                     for k, v in zip(ref.rewind_step.values, ref.values, strict=True)
+                     if np.isfinite(v)]
+            if marks:
+                rule = alt.Chart(alt.InlineData(values=marks)).mark_rule(strokeDash=[4, 4])
+                chart = chart + rule.encode(y="accuracy:Q", strokeDash="reference:N",
+                                            tooltip=["reference:N", "accuracy:Q"])
+        panels.append(chart)
+    return alt.hconcat(*panels).properties(title="IMP after pre-training")
+
+
+def figures(ablations: xr.Dataset | None, pretraining: xr.Dataset | None,
+            imp: xr.Dataset | None) -> dict[str, alt.TopLevelMixin]:
+    """The named figures of one store's stored summaries (each already reduced over seeds).
+
+    Args:
+        ablations: Reduced `ablation_summary`, or None.
+        pretraining: Reduced `pretrain_summary`, or None.
+        imp: Reduced IMP summary, or None (its ``dense_test_accuracy`` attribute and
+            accuracies serve as references).
+    """
+    out: dict[str, alt.TopLevelMixin] = {}
+    dense = None if imp is None else imp.attrs.get("dense_test_accuracy")
+    if ablations is not None:
+        for name, kinds, title in (
+            ("sign-magnitude", SIGN_MAGNITUDE_KINDS, "Signs and magnitudes at k"),
+            ("permutation", PERMUTATION_KINDS, "Permuting the weights at k"),
+            ("distribution", DISTRIBUTION_KINDS, "Re-initialisation and controls"),
+        ):
+            if len(set(kinds) & set(ablations.kind.values)) > (kinds[0] == "signs_k_mags_k"):
+                out[name] = chart_ablation_panel(ablations, kinds, title=title,
+                                                 dense_accuracy=dense)
+        if any(str(k).startswith("noise_alpha_") for k in ablations.kind.values):
+            out["noise"] = chart_noise(ablations)
+    if pretraining is not None and np.isfinite(pretraining["test_accuracy"].values).any():
+        out["pretraining"] = chart_pretraining(pretraining, references=imp)
+    return out
+
+
+def _reduced(path, name: str) -> xr.Dataset | None:
+    from ckpt_tools.analyses.stats import summarize
+
+    from ckpt_tools.store import StoreError, read_result
+
+    try:
+        ds = read_result(path, name)
+    except StoreError:
+        return None
+    return summarize(ds, "seed", n_resamples=2000)
+
+
+def _section(runs, parts: str) -> dict[str, alt.TopLevelMixin]:
+    paths = list(dict.fromkeys(r.path for r in runs))
+    names = {r.path: r.name for r in runs}
+    out = {}
+    for path in paths:
+        ablations = _reduced(path, "ablate_summary") if parts == "ablate" else None
+        pretraining = _reduced(path, "pretrain_summary") if parts == "pretrain" else None
+        if ablations is None and pretraining is None:
+            continue
+        for name, chart in figures(ablations, pretraining, _reduced(path, "imp_summary")).items():
+            out[name if len(paths) == 1 else f"{name}-{names[path]}"] = chart
+    return out
+
+
+def ablation_section(runs) -> dict[str, alt.TopLevelMixin]:
+    """Figures of the ablations stored in the report's stores (``ckpt ablate``); {} if none."""
+    return _section(runs, "ablate")
+
+
+def pretraining_section(runs) -> dict[str, alt.TopLevelMixin]:
+    """Figures of the pre-training experiments stored in the report's stores; {} if none."""
+    return _section(runs, "pretrain")

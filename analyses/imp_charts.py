@@ -1,0 +1,146 @@
+"""Charts of IMP with rewinding and of the instability analysis: presentation only.
+
+The ``chart_*`` functions take results already reduced over seeds (IMP) or seed pairs
+(instability) by `ckpt_tools.analyses.stats.summarize`: a ``statistic`` dimension holding
+``mean``, ``low`` and ``high`` (the mean and its bootstrap 95% interval), drawn as lines
+with points and error bars. `imp_section` and `instability_section` are the report's
+sections: they read each store's stored results and reduce them. Inputs are only read.
+"""
+
+from __future__ import annotations
+
+import re
+
+import altair as alt
+import numpy as np
+import xarray as xr
+
+from ckpt_tools.store import StoreError, list_results, read_result
+
+__all__ = [
+    "chart_imp",
+    "chart_instability",
+    "chart_interpolation",
+    "imp_section",
+    "instability_section",
+]
+
+WIDTH, HEIGHT = 360, 240
+_RESAMPLES = 2000
+_INSTABILITY_RE = re.compile(r"^instability(?:_level_(\d+))?_summary$")
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value if isinstance(value, int | float) else str(value)
+
+
+def _rows(reduced: xr.Dataset, var: str, extra: dict[str, xr.DataArray]) -> list[dict]:
+    ds = reduced[var].to_dataset(dim="statistic")
+    for name, values in extra.items():
+        ds[name] = values
+    table = ds.to_dataframe().reset_index()
+    table = table[np.isfinite(table["mean"])]
+    return [{k: _plain(v) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def _with_bars(rows: list[dict], x: alt.X, y_title: str, color: str, title: str) -> alt.Chart:
+    base = alt.Chart(alt.InlineData(values=rows), title=title).properties(
+        width=WIDTH, height=HEIGHT)
+    colour = alt.Color(f"{color}:N", title=color.replace("_", " "))
+    y = alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False))
+    tooltip = [alt.Tooltip(f"{k}:{'Q' if isinstance(v, int | float) else 'N'}")
+               for k, v in (rows[0].items() if rows else ())]
+    lines = base.mark_line(point=True).encode(x=x, y=y, color=colour, tooltip=tooltip)
+    bars = base.mark_errorbar().encode(x=x, y=alt.Y("low:Q", title=y_title), y2="high:Q",
+                                       color=colour)
+    return lines + bars
+
+
+def chart_imp(reduced: xr.Dataset, *, dense_accuracy: float | None = None) -> alt.Chart:
+    """Test accuracy vs fraction of weights remaining (log axis), one line per rewind step.
+
+    Args:
+        reduced: The IMP summary reduced over ``seed`` (dims rewind_step, level, statistic).
+        dense_accuracy: The dense run's final accuracy, drawn as a dashed rule.
+    """
+    remaining = reduced["remaining"].sel(statistic="mean", drop=True)
+    rows = _rows(reduced, "test_accuracy", {"remaining": remaining})
+    x = alt.X("remaining:Q", title="fraction of weights remaining (log)",
+              scale=alt.Scale(type="log", nice=False, reverse=True),
+              axis=alt.Axis(format=".3~%"))
+    chart = _with_bars(rows, x, "final test accuracy", "rewind_step",
+                       "IMP with rewinding: accuracy of the sparse networks")
+    if dense_accuracy is not None and np.isfinite(dense_accuracy):
+        rule = alt.Chart(alt.InlineData(values=[{"dense": float(dense_accuracy)}])).mark_rule(
+            strokeDash=[4, 4], color="gray").encode(y="dense:Q", tooltip=["dense:Q"])
+        chart = chart + rule
+    return chart
+
+
+def chart_instability(reduced: xr.Dataset, *, title: str = "Instability") -> alt.Chart:
+    """Test error barrier vs the step k the copies started from (symmetric log axis).
+
+    Args:
+        reduced: The instability result reduced over ``pair``.
+        title: Chart title.
+    """
+    rows = _rows(reduced, "barrier", {})
+    for row in rows:
+        row["network"] = title
+    x = alt.X("rewind_step:Q", title="rewind step k (symlog)", scale=alt.Scale(type="symlog"))
+    return _with_bars(rows, x, "error barrier (max error - mean of ends)", "network",
+                      f"{title}: error barrier between two copies trained from k")
+
+
+def chart_interpolation(reduced: xr.Dataset, *, title: str = "Instability") -> alt.Chart:
+    """Test error along the line between the two copies, one line per rewind step."""
+    rows = _rows(reduced, "test_error", {})
+    x = alt.X("alpha:Q", title="interpolation alpha (0: copy A, 1: copy B)")
+    return _with_bars(rows, x, "test error", "rewind_step",
+                      f"{title}: test error along the linear path")
+
+
+def _summarize(ds: xr.Dataset, dim: str) -> xr.Dataset:
+    from ckpt_tools.analyses.stats import summarize
+
+    return summarize(ds, dim, n_resamples=_RESAMPLES)
+
+
+def imp_section(runs) -> dict[str, alt.TopLevelMixin]:
+    """The IMP figure of every store that holds ``analyses/imp_summary``; {} if none."""
+    paths = list(dict.fromkeys(r.path for r in runs))
+    names = {r.path: r.name for r in runs}
+    out = {}
+    for path in paths:
+        try:
+            summary = read_result(path, "imp_summary")
+        except StoreError:
+            continue
+        chart = chart_imp(_summarize(summary, "seed"),
+                          dense_accuracy=summary.attrs.get("dense_test_accuracy"))
+        out["imp" if len(paths) == 1 else f"imp-{names[path]}"] = chart
+    return out
+
+
+def instability_section(runs) -> dict[str, alt.TopLevelMixin]:
+    """Barrier vs k and error along the path for every stored instability result."""
+    paths = list(dict.fromkeys(r.path for r in runs))
+    names = {r.path: r.name for r in runs}
+    out = {}
+    for path in paths:
+        for found in list_results(path):
+            match = _INSTABILITY_RE.match(str(found["analysis"]))
+            if match is None or found["group"] != "train":
+                continue
+            level = match.group(1)
+            label = "dense network" if level is None else f"IMP level {level} sub-network"
+            reduced = _summarize(read_result(path, found["analysis"]), "pair")
+            suffix = ("" if level is None else f"-level-{level}") + (
+                "" if len(paths) == 1 else f"-{names[path]}")
+            out[f"instability{suffix}"] = chart_instability(reduced, title=label)
+            out[f"interpolation{suffix}"] = chart_interpolation(reduced, title=label)
+    return out

@@ -1,0 +1,280 @@
+"""IMP with rewinding, level by level, from a recorded dense run; and its summary.
+
+Lineage ``(k, s)`` for each rewind step k and data seed s (see ``docs/experiments.md``):
+
+- level 0 is the recorded dense run (its weights at the configured last step);
+- level n prunes `fraction` of the weights level n-1 kept, by magnitude of level n-1's
+  final weights (`prune`), resets the survivors to the stored weights at step k
+  (parameters and buffers), and trains from k to the end with the learning rate and
+  data order continuing from k (order seed s) and a fresh optimizer.
+
+Each level's mask is written before it is trained and each level is its own history
+group, so a run interrupted at any point continues where it stopped: levels whose group
+is complete are skipped, a half-written level is trained again with its stored mask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from ckpt_tools.analyses.imp import (
+    DENSE_GROUP,
+    SUMMARY,
+    Scope,
+    check_rewind_steps,
+    dense_config,
+    dense_source,
+    history_complete,
+    level_group,
+    mask_from_row,
+    mask_group,
+    param_table,
+    prune,
+    train_sparse,
+    write_mask,
+)
+
+from ckpt_tools import load_state_dict, open_store
+from ckpt_tools.store import StoreError, read_result, write_result
+from ckpt_tools.store import masks as mask_store
+from ckpt_tools.tensors import TensorSpec
+from ckpt_tools.train import TrainResult
+
+__all__ = ["ImpSettings", "imp_summary", "output_weight", "read_summary", "run_imp"]
+
+_MASKS_RE = re.compile(r"^imp/rewind_(\d+)/seed_(\d+)/masks$")
+
+
+@dataclass(frozen=True)
+class ImpSettings:
+    """One IMP experiment.
+
+    Attributes:
+        levels: Pruning levels after the dense level 0 (remaining ~ (1 - fraction)**n).
+        rewind_steps: Steps k to rewind the survivors to (each a stored step of `train`).
+        seeds: Data-order seeds of the retraining, one lineage each; None: the dense
+            run's own order seed (the retraining sees the batches the dense run saw).
+        fraction: Fraction of the surviving prunable weights pruned per level.
+        scope: ``"global"`` (one magnitude threshold across layers) or ``"layer"``.
+        exclude_output: Never prune the output layer's weights (open_lth's ResNet default).
+        schedule: Checkpoint schedule text of each level (clipped to k..end); None: 21
+            evenly spaced steps.
+        eval_schedule: Test-set evaluations of each level; None: the dense run's.
+    """
+
+    levels: int
+    rewind_steps: tuple[int, ...]
+    seeds: tuple[int, ...] | None = None
+    fraction: float = 0.2
+    scope: Scope = "global"
+    exclude_output: bool = False
+    schedule: str | None = None
+    eval_schedule: str | None = None
+
+    def __post_init__(self):
+        if self.levels < 1:
+            raise ValueError(f"levels must be at least 1, got {self.levels}")
+        if not self.rewind_steps:
+            raise ValueError("give at least one rewind step")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {self.scope!r}")
+        if any(s < 0 for s in self.seeds or ()):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
+        if any(k < 0 for k in self.rewind_steps):
+            raise ValueError(f"rewind steps must be >= 0, got {self.rewind_steps}")
+        object.__setattr__(self, "rewind_steps", tuple(dict.fromkeys(self.rewind_steps)))
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(dict.fromkeys(self.seeds)))
+
+
+def output_weight(specs: Sequence[TensorSpec]) -> str:
+    """Name of the output layer's weight.
+
+    ``fc.weight`` for the built-in models, else the last prunable 2-D parameter.
+    """
+    names = [s.name for s in specs if s.prunable]
+    if "fc.weight" in names:
+        return "fc.weight"
+    linear = [s.name for s in specs if s.prunable and len(s.shape) == 2]
+    if not linear:
+        raise StoreError("no linear output layer among the prunable parameters")
+    return linear[-1]
+
+
+def _pruning(settings: ImpSettings, specs: Sequence[TensorSpec]) -> dict:
+    exclude = [output_weight(specs)] if settings.exclude_output else []
+    return {"fraction": settings.fraction, "scope": settings.scope, "exclude": exclude}
+
+
+def run_imp(
+    store: str | Path,
+    settings: ImpSettings,
+    *,
+    on_level: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_done: Callable[[int, int, int, TrainResult], None] | None = None,
+) -> xr.Dataset:
+    """Run (or continue) IMP with rewinding on the dense run recorded in `store`.
+
+    Args:
+        store: A store whose ``train`` group was recorded by ``ckpt record``.
+        settings: The experiment.
+        on_level: Called as ``on_level(k, seed, level)`` before a level is trained.
+        on_step: Called as ``on_step(step, loss)`` after every update.
+        on_done: Called as ``on_done(k, seed, level, result)`` after a level is trained.
+
+    Returns:
+        The summary (see `imp_summary`), also stored as the result ``analyses/imp_summary``.
+
+    Raises:
+        StoreError: a rewind step is not stored (the message lists the nearest ones),
+            ``train`` has no built-in config, or the store holds this lineage with
+            other pruning settings.
+    """
+    config = dense_config(store)
+    check_rewind_steps(store, settings.rewind_steps, config)
+    specs = param_table(store)
+    pruning = _pruning(settings, specs)
+    prunable = [s.name for s in specs if s.prunable]
+    seeds = settings.seeds or (config.order_seed,)
+    stored = {}
+    for k in settings.rewind_steps:
+        for seed in seeds:
+            found = stored[k, seed] = mask_store.read_masks(store, mask_group(k, seed))
+            wanted = {**pruning, "rewind_step": k, "seed": seed}
+            if found is not None and {n: found.settings.get(n) for n in wanted} != wanted:
+                raise StoreError(
+                    f"IMP lineage rewind {k}, seed {seed} in {store} was pruned with "
+                    f"fraction {found.settings.get('fraction')}, scope "
+                    f"{found.settings.get('scope')}, exclude {found.settings.get('exclude')}; "
+                    "use those settings or another store"
+                )
+    config, dense_group = dense_source(store, on_step=on_step)
+    for k in settings.rewind_steps:
+        rewound = None
+        for seed in seeds:
+            retrain = replace(config, data_seed=seed,
+                              eval_schedule=settings.eval_schedule or config.eval_schedule)
+            lineage = {**pruning, "rewind_step": k, "seed": seed, "dense_group": dense_group}
+            found = stored[k, seed]
+            levels = found.levels if found is not None else []
+            if 0 not in levels:
+                write_mask(store, k, 0, seed, {}, settings=lineage)
+            previous, mask = dense_group, None  # the group whose final weights are pruned
+            for level in range(1, settings.levels + 1):
+                if level in levels:
+                    mask = mask_from_row(found.masks[level], found.params)
+                    mask = {n: mask[n] for n in prunable}
+                else:
+                    final = load_state_dict(store, config.steps, group=previous)
+                    mask = prune({n: final[n] for n in prunable}, settings.fraction,
+                                 mask=mask, scope=settings.scope, exclude=pruning["exclude"])
+                    write_mask(store, k, level, seed, mask, settings=lineage)
+                group = previous = level_group(k, level, seed)
+                if history_complete(store, group):
+                    continue
+                if on_level is not None:
+                    on_level(k, seed, level)
+                if rewound is None:
+                    rewound = load_state_dict(store, k)
+                result = train_sparse(
+                    store, retrain, group=group, init=rewound, start_step=k, mask=mask,
+                    schedule=settings.schedule,
+                    attrs={"kind": "imp", **lineage, "level": level,
+                           "mask_group": mask_group(k, seed)},
+                    on_step=on_step,
+                )
+                if on_done is not None:
+                    on_done(k, seed, level, result)
+    summary = imp_summary(store)
+    write_result(store, SUMMARY, summary)
+    return summary
+
+
+def _dense_group(store: str | Path) -> str | None:
+    for group in ("train", DENSE_GROUP):
+        if history_complete(store, group):
+            return group
+    return None
+
+
+def _last(ds: xr.Dataset, var: str) -> float:
+    if var not in ds or ds.sizes.get("eval_step", 0) == 0:
+        return np.nan
+    return float(ds[var].isel(eval_step=-1).values)
+
+
+def imp_summary(store: str | Path) -> xr.Dataset:
+    """Results of every IMP level stored in `store`, gathered from its groups.
+
+    Returns:
+        A Dataset with dimensions ``(rewind_step, level, seed)`` holding ``remaining``
+        (fraction of the prunable weights that survive; an output layer left out of
+        pruning counts as surviving), ``sparsity`` (1 - remaining), ``test_accuracy``
+        and ``test_loss`` (last evaluation of the level, fraction and nats). Level 0 is
+        the dense run, repeated for every rewind step and seed; levels not (yet) pruned
+        or trained are NaN. Attributes: ``dense_test_accuracy``, ``dense_group``.
+    """
+    tree = open_store(store)
+    nodes = {node.path.strip("/"): node for node in tree.subtree}
+    lineages = sorted({tuple(map(int, m.groups())) for p in nodes if (m := _MASKS_RE.match(p))})
+    rewinds = sorted({k for k, _ in lineages})
+    seeds = sorted({s for _, s in lineages})
+    masks = {(k, s): nodes[mask_group(k, s)].to_dataset(inherit=False) for k, s in lineages}
+    n_levels = max((m.sizes["level"] for m in masks.values()), default=1)
+    shape = (len(rewinds), n_levels, len(seeds))
+    values = {v: np.full(shape, np.nan) for v in ("remaining", "test_accuracy", "test_loss")}
+    dense_group = _dense_group(store)
+    dense = nodes[dense_group].to_dataset(inherit=False) if dense_group else xr.Dataset()
+    prunable = np.zeros(sum(s.size for s in param_table(store)), bool)
+    for spec in param_table(store):
+        prunable[spec.offset : spec.stop] = spec.prunable
+    for (k, seed), ds in masks.items():
+        i, j = rewinds.index(k), seeds.index(seed)
+        written = np.asarray(ds["written"].values, bool)
+        kept = np.asarray(ds["mask"].values, bool)[:, prunable].mean(axis=1)
+        values["remaining"][i, : len(written), j] = np.where(written, kept, np.nan)
+        for level in range(n_levels):
+            if level == 0:
+                source = dense
+            elif history_complete(store, level_group(k, level, seed)):
+                source = nodes[level_group(k, level, seed)].to_dataset(inherit=False)
+            else:
+                continue
+            for var in ("test_accuracy", "test_loss"):
+                values[var][i, level, j] = _last(source, var)
+    dims = ("rewind_step", "level", "seed")
+    return xr.Dataset(
+        {
+            "remaining": (dims, values["remaining"], {"units": "fraction of prunable weights"}),
+            "sparsity": (dims, 1.0 - values["remaining"], {"units": "fraction pruned"}),
+            "test_accuracy": (dims, values["test_accuracy"], {"units": "fraction"}),
+            "test_loss": (dims, values["test_loss"], {"units": "nats"}),
+        },
+        coords={"rewind_step": np.asarray(rewinds, np.int64),
+                "level": np.arange(n_levels, dtype=np.int64),
+                "seed": np.asarray(seeds, np.int64)},
+        attrs={"dense_test_accuracy": _last(dense, "test_accuracy"),
+               "dense_group": dense_group or ""},
+    )
+
+
+def read_summary(store: str | Path) -> xr.Dataset:
+    """The stored IMP summary (``analyses/imp_summary``).
+
+    Raises:
+        StoreError: no IMP summary in the store (run ``ckpt imp`` first).
+    """
+    try:
+        return read_result(store, SUMMARY)
+    except StoreError as exc:
+        if "has no result" not in str(exc):
+            raise
+        raise StoreError(f"{store} holds no IMP results; run `ckpt imp` first") from None

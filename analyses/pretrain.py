@@ -1,0 +1,365 @@
+"""Pre-training before IMP (the paper's Section 5), trained from a store and recorded in it.
+
+Can another task, or the sparse network alone, do the work of the dense network's early
+phase? With the recorded run's config (T updates) and for each data seed s:
+
+Dense pretext tasks (``rotation``, ``blur``, ``blur-rotation``, ``random-labels``,
+``subset``; see `ckpt_tools.analyses.pretext`):
+
+1. Pre-training: the stored weights at step 0 (rotation tasks: with a fresh 4-way head,
+   drawn as the model's own initialisation from ``config.seed``) are trained for N updates
+   on the pretext task; update ``i`` uses the learning rate of update ``i`` of the real run
+   and the data order of seed s; fresh SGD. Recorded as ``.../pretrain``.
+2. IMP rewinding to the pre-trained weights: the pre-trained network (parameters and
+   BatchNorm buffers; rotation tasks: the head replaced by the run's stored step-0 head)
+   is the initialisation of a new real-task run of T updates, learning rate and data
+   order from update 1 (as in the paper, where the pre-trained weights play the role of
+   iteration 0). Level 0 trains it dense; level n prunes `fraction` of level n-1's
+   survivors by the magnitude of its final weights and rewinds to the pre-trained
+   weights. Recorded as ``.../level_<n>``, masks in ``.../masks``.
+
+Sparse pre-training (``sparse``): the mask is level L of the IMP lineage (rewind K, seed
+s) of ``ckpt imp``; the masked network at step 0 is pre-trained on the real task for N
+updates (``.../pretrain``), then trained with the same mask for T updates from the
+pre-trained weights, learning rate and data order from update 1 (``.../level_<L>``).
+
+Groups live under ``experiments/pretrain/<condition>/steps_<N>/seed_<s>/`` (`condition`:
+the task with its parameter); the result ``analyses/pretrain_summary`` gathers them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from ckpt_tools.analyses import pretext
+from ckpt_tools.analyses.imp import (
+    Scope,
+    dense_config,
+    final_eval,
+    history_complete,
+    mask_from_row,
+    mask_group,
+    mask_to_row,
+    param_table,
+    prune,
+    read_mask,
+    train_sparse,
+)
+from ckpt_tools.analyses.imp_run import output_weight
+
+from ckpt_tools import load_state_dict, open_history
+from ckpt_tools.store import StoreError, history_groups, read_result, write_result
+from ckpt_tools.store import masks as mask_store
+from ckpt_tools.store.layout import ATTRS_KEY
+from ckpt_tools.train import TrainConfig, build
+
+__all__ = [
+    "PRESETS",
+    "SUMMARY",
+    "TASKS",
+    "PretrainSettings",
+    "condition_label",
+    "pretrain_config",
+    "pretrain_group",
+    "pretrain_summary",
+    "read_pretrain_summary",
+    "run_pretrain",
+]
+
+TASKS = (*pretext.PRETEXT_TASKS, "sparse")
+SUMMARY = "pretrain_summary"  # result name: the summary lives at analyses/pretrain_summary
+
+PRESETS: dict[str, dict] = {
+    "smoke": {"steps": 5, "levels": 1, "schedule": "0:41:10"},
+    "study": {"steps": 100, "levels": 2, "seeds": (0,), "fraction": 0.4,
+              "exclude_output": True, "eval_schedule": "400"},
+}
+"""`--preset` values of `PretrainSettings` fields, for the dense runs that
+`ckpt_tools.analyses.presets` sizes (pruning as that preset's IMP). Study: one dense
+task is 100 pre-training updates and 3 real-task runs of 800 updates (levels 0-2, 36% of
+the weights left at level 2, as IMP level 2), about 14 minutes on 2 CPU cores; ``sparse``
+(IMP mask of level 2, rewind 0) about 5 minutes; so the five tasks and ``sparse`` take
+about an hour and a quarter."""
+_GROUP_RE = re.compile(r"^experiments/pretrain/(.+)/steps_(\d+)/seed_(\d+)/(pretrain|level_(\d+))$")
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """One pre-training experiment.
+
+    Attributes:
+        task: One of `TASKS`.
+        steps: Pre-training updates N (>= 1).
+        seeds: Data seeds (pre-training order, retraining order, the task's draws);
+            None: the dense run's order seed.
+        levels: IMP levels after pre-training (dense tasks), or the level of the IMP
+            mask that ``sparse`` pre-trains.
+        rewind: ``sparse`` only: the IMP lineage (rewind step) whose mask is used.
+        blur_factor: Block size of the blur tasks.
+        subset_fraction: Fraction of the training split that ``subset`` keeps.
+        fraction: Fraction of the survivors pruned per IMP level (dense tasks).
+        scope: ``"global"`` or ``"layer"`` magnitude pruning (dense tasks).
+        exclude_output: Never prune the output layer (dense tasks).
+        schedule: Checkpoint schedule of the real-task runs; None: 21 evenly spaced.
+        eval_schedule: Test evaluations of every run (clipped to its length); None:
+            the dense run's.
+    """
+
+    task: str
+    steps: int
+    seeds: tuple[int, ...] | None = None
+    levels: int = 1
+    rewind: int = 0
+    blur_factor: int = 4
+    subset_fraction: float = 0.1
+    fraction: float = 0.2
+    scope: Scope = "global"
+    exclude_output: bool = False
+    schedule: str | None = None
+    eval_schedule: str | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if self.steps < 1:
+            raise ValueError(f"pre-training steps must be >= 1, got {self.steps}")
+        if self.levels < (0 if self.task == "sparse" else 1):
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        if any(s < 0 for s in self.seeds or ()):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
+        if self.task != "sparse":
+            pretext.task(self.task, seed=0, blur_factor=self.blur_factor,
+                         subset_fraction=self.subset_fraction)  # checks the parameters
+
+
+def condition_label(settings: PretrainSettings) -> str:
+    """Name of the condition in groups: the task with the parameter that defines it."""
+    task = settings.task
+    if task in ("blur", "blur-rotation"):
+        return f"{task}_x{settings.blur_factor}"
+    if task == "subset":
+        return f"subset_{settings.subset_fraction:g}"
+    if task == "sparse":
+        return f"sparse_rewind_{settings.rewind}_level_{settings.levels}"
+    return task
+
+
+def pretrain_group(settings: PretrainSettings, seed: int, part: str) -> str:
+    """Group of one part (``"pretrain"``, ``"masks"``, ``"level_<n>"``) of one seed."""
+    return (f"experiments/pretrain/{condition_label(settings)}/steps_{settings.steps}/"
+            f"seed_{seed}/{part}")
+
+
+def pretrain_config(config: TrainConfig, steps: int) -> TrainConfig:
+    """`config` cut to its first `steps` updates, each with the learning rate it had.
+
+    Milestones are fractions of ``config.steps``; update i is past milestone m when
+    ``i > m * T``, i.e. ``i >= floor(m * T) + 1``, so the cut run's milestone sits half
+    an update before that, safe from rounding.
+    """
+    milestones = tuple((math.floor(m * config.steps) + 0.5) / steps for m in config.lr_milestones)
+    return replace(config, steps=steps, lr_milestones=milestones)
+
+
+def _head_swap(state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict:
+    """`state` with every tensor whose shape differs from `like`'s taken from `like`."""
+    return {k: (like[k] if tuple(v.shape) != tuple(like[k].shape) else v) for k, v in state.items()}
+
+
+def run_pretrain(
+    store: str | Path,
+    settings: PretrainSettings,
+    *,
+    on_run: Callable[[str, int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> xr.Dataset:
+    """Pre-train, then train the sparse networks, for every seed; skip complete groups.
+
+    Args:
+        store: A store recorded by ``ckpt record`` (``sparse``: with ``ckpt imp`` masks).
+        settings: The experiment.
+        on_run: Called as ``on_run(group, seed)`` before each training run.
+        on_step: Called as ``on_step(step, loss)`` after every update.
+
+    Returns:
+        The summary of every pre-training experiment in the store (`pretrain_summary`),
+        also written as the result ``analyses/pretrain_summary``.
+
+    Raises:
+        StoreError: ``sparse`` without the IMP mask (the message names the command).
+    """
+    config = dense_config(store)
+    specs = param_table(store)
+    prunable = [s.name for s in specs if s.prunable]
+    state_0 = load_state_dict(store, 0)
+    for seed in settings.seeds or (config.order_seed,):
+        real = replace(config, data_seed=seed,
+                       eval_schedule=settings.eval_schedule or config.eval_schedule)
+        pre = pretrain_config(real, settings.steps)
+        if settings.task == "sparse":
+            _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step)
+        else:
+            _dense(store, settings, seed, real, pre, state_0, specs, prunable, on_run, on_step)
+    summary = pretrain_summary(store)
+    write_result(store, SUMMARY, summary)
+    return summary
+
+
+def _attrs(settings: PretrainSettings, seed: int, part: str, **extra) -> dict:
+    return {"kind": "pretrain", "task": settings.task, "condition": condition_label(settings),
+            "pretrain_steps": settings.steps, "seed": seed, "part": part,
+            "blur_factor": settings.blur_factor, "subset_fraction": settings.subset_fraction,
+            **extra}
+
+
+def _pretrained(store, settings, seed, pre, state_0, mask, task, on_run, on_step) -> dict:
+    group = pretrain_group(settings, seed, "pretrain")
+    init = dict(state_0)
+    if task is not None and task.prepare is not None:
+        fresh = build(pre, task=task)[0].state_dict()
+        init = _head_swap(init, fresh)
+    if on_run is not None:
+        on_run(group, seed)
+    train_sparse(store, pre, group=group, init=init, start_step=0, mask=mask,
+                 schedule=settings.schedule, attrs=_attrs(settings, seed, "pretrain"),
+                 on_step=on_step, task=task)
+    return _head_swap(load_state_dict(store, settings.steps, group=group), state_0)
+
+
+def _dense(store, settings, seed, real, pre, state_0, specs, prunable, on_run, on_step):
+    task = pretext.task(settings.task, seed=seed, blur_factor=settings.blur_factor,
+                        subset_fraction=settings.subset_fraction)
+    start = _pretrained(store, settings, seed, pre, state_0, None, task, on_run, on_step)
+    exclude = [output_weight(specs)] if settings.exclude_output else []
+    pruning = {"fraction": settings.fraction, "scope": settings.scope, "exclude": exclude,
+               "pretrained": pretrain_group(settings, seed, "pretrain")}
+    masks = pretrain_group(settings, seed, "masks")
+    stored = set(mask_store.mask_levels(store, masks))
+    names = [s.name for s in specs]
+    mask, weights = None, {}
+    for level in range(settings.levels + 1):
+        if level in stored:
+            mask = mask_from_row(mask_store.read_mask_row(store, masks, level)[0], specs)
+        else:
+            if level:
+                mask = prune(weights, settings.fraction, mask=mask, scope=settings.scope,
+                             prunable=prunable, exclude=exclude)
+            mask_store.write_mask_row(store, masks, level, mask_to_row(mask or {}, specs),
+                                      params=specs, settings=pruning)
+        group = pretrain_group(settings, seed, f"level_{level}")
+        if on_run is not None:
+            on_run(group, seed)
+        kept = _remaining(mask, prunable)
+        train_sparse(store, real, group=group, init=start, start_step=0,
+                     mask={n: mask[n] for n in prunable} if level else None,
+                     schedule=settings.schedule,
+                     attrs=_attrs(settings, seed, "imp", level=level, remaining=kept),
+                     on_step=on_step)
+        final = load_state_dict(store, real.steps, group=group)
+        weights = {n: final[n] for n in names}
+
+
+def _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step):
+    k, level = settings.rewind, settings.levels
+    try:
+        imp_mask = read_mask(store, k, level, seed)
+    except StoreError as exc:
+        raise StoreError(
+            f"{_without_hint(exc)}; sparse pre-training needs the IMP mask: run `ckpt imp "
+            f"{store} --rewind {k} --levels {level} --seeds {seed}` first"
+        ) from None
+    mask = {n: imp_mask[n] for n in prunable}
+    start = _pretrained(store, settings, seed, pre, state_0, mask, None, on_run, on_step)
+    group = pretrain_group(settings, seed, f"level_{level}")
+    if on_run is not None:
+        on_run(group, seed)
+    train_sparse(store, real, group=group, init=start, start_step=0, mask=mask,
+                 schedule=settings.schedule,
+                 attrs=_attrs(settings, seed, "sparse", level=level, remaining=_remaining(
+                     mask, prunable), mask_group=mask_group(k, seed)), on_step=on_step)
+
+
+def _without_hint(exc: Exception) -> str:
+    return str(exc).removesuffix("; run `ckpt imp` first")
+
+
+def _remaining(mask: Mapping[str, np.ndarray] | None, prunable: list[str]) -> float:
+    if mask is None:
+        return 1.0
+    return sum(int(np.sum(mask[n])) for n in prunable) / sum(np.size(mask[n]) for n in prunable)
+
+
+def pretrain_summary(store: str | Path) -> xr.Dataset:
+    """Results of every pre-training experiment stored in `store`.
+
+    Returns:
+        A Dataset with dimensions ``(task, pretrain_steps, level, seed)`` (``task``: the
+        condition label, e.g. ``blur_x4``) holding ``test_accuracy``, ``test_loss``
+        (final real-task evaluation of each level's run) and ``remaining`` (fraction of
+        prunable weights kept), and ``pretext_accuracy (task, pretrain_steps, seed)``:
+        the last evaluation of the pre-training run on its own task. NaN where not run.
+    """
+    config = dense_config(store)
+    runs, pre = {}, {}
+    for group in history_groups(store):
+        m = _GROUP_RE.match(group)
+        if not m:
+            continue
+        key = (m[1], int(m[2]), int(m[3]))
+        if m[4] == "pretrain":
+            pre[key] = group
+        elif history_complete(store, group, config.steps):
+            runs[(*key, int(m[5]))] = group
+    conditions = sorted({k[0] for k in (*runs, *pre)})
+    steps = sorted({k[1] for k in (*runs, *pre)})
+    seeds = sorted({k[2] for k in (*runs, *pre)})
+    levels = sorted({k[3] for k in runs})
+    shape = (len(conditions), len(steps), len(levels), len(seeds))
+    values = {v: np.full(shape, np.nan) for v in ("test_accuracy", "test_loss", "remaining")}
+    pretext_acc = np.full((len(conditions), len(steps), len(seeds)), np.nan)
+    for (c, n, s, level), group in runs.items():
+        i = (conditions.index(c), steps.index(n), levels.index(level), seeds.index(s))
+        metrics = final_eval(store, group)
+        experiment = open_history(store, group).attrs[ATTRS_KEY]["config"]["experiment"]
+        values["remaining"][i] = experiment.get("remaining", np.nan)
+        for name in ("test_accuracy", "test_loss"):
+            values[name][i] = metrics.get(name, np.nan)
+    for (c, n, s), group in pre.items():
+        if history_complete(store, group, n):
+            acc = final_eval(store, group).get("test_accuracy", np.nan)
+            pretext_acc[conditions.index(c), steps.index(n), seeds.index(s)] = acc
+    dims = ("task", "pretrain_steps", "level", "seed")
+    return xr.Dataset(
+        {
+            "test_accuracy": (dims, values["test_accuracy"], {"units": "fraction"}),
+            "test_loss": (dims, values["test_loss"], {"units": "nats"}),
+            "remaining": (dims, values["remaining"], {"units": "fraction of prunable weights"}),
+            "pretext_accuracy": (("task", "pretrain_steps", "seed"), pretext_acc,
+                                 {"units": "fraction, on the pre-training task"}),
+        },
+        coords={
+            "task": np.asarray(conditions, dtype=object),  # variable-length strings in Zarr
+            "pretrain_steps": np.asarray(steps, np.int64),
+            "level": np.asarray(levels, np.int64),
+            "seed": np.asarray(seeds, np.int64),
+        },
+    )
+
+
+def read_pretrain_summary(store: str | Path) -> xr.Dataset:
+    """The stored pre-training summary (``analyses/pretrain_summary``).
+
+    Raises:
+        StoreError: none stored (run ``ckpt pretrain`` first).
+    """
+    return read_result(store, SUMMARY)
+

@@ -1,0 +1,82 @@
+"""Telemetry of a history much larger than the memory it uses: peak RSS vs history size.
+
+Writes a synthetic history of --gb GB of raw float32 weights with the store writer, then
+computes its telemetry in a fresh process and reports that process's peak resident
+memory (``ru_maxrss``): after a warm-up telemetry of the first 32 steps (imports, thread
+pools, first allocations), and after the whole telemetry. Repeats with a quarter of the
+steps to show the peak does not grow with the history, each size twice: with glibc's
+default allocator settings, whose dynamic mmap threshold lets freed chunk-sized buffers
+fragment the heap (RSS creeps up although Python holds no more memory), and with a fixed
+threshold (``MALLOC_MMAP_THRESHOLD_``), which shows the working set itself.
+
+Usage: python bench/telemetry_memory.py [--gb 2.0] [--params 262144] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from ckpt_tools.synthetic import write_synthetic_history
+
+PROBE = textwrap.dedent("""
+    import json, resource, sys, time
+    import ckpt_tools
+    from ckpt_tools.analyses import telemetry
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    history = ckpt_tools.open_history(sys.argv[1])
+    telemetry.compute(history.isel(step=slice(0, 32)))
+    history = history.isel(step=slice(0, int(sys.argv[2])))
+    opened = peak()
+    start = time.perf_counter()
+    telemetry.compute(history)
+    print(json.dumps({"raw": history["params"].nbytes, "opened": opened, "peak": peak(),
+                      "seconds": time.perf_counter() - start}))
+""")
+
+
+def probe(store: Path, steps: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(store), str(steps)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="raw float32 GB of weights")
+    parser.add_argument("--params", type=int, default=1 << 18, help="weights per step")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(dir=args.dir))
+    try:
+        store = scratch / "synthetic.zarr"
+        n_steps = max(int(args.gb * 1e9 / (4 * args.params)), 16)
+        write_synthetic_history(store, n_steps=n_steps, n_params=args.params)
+        mib = 1 << 20
+        print(f"{'allocator':>22} {'steps':>6} {'raw GB':>7} {'RSS warm':>9} {'peak RSS':>9} "
+              f"{'growth':>8} {'raw/peak':>8} {'GB/s':>6}")
+        for label, env in (("glibc default", {}),
+                           ("mmap threshold 4 MiB", {"MALLOC_MMAP_THRESHOLD_": "4194304"})):
+            for steps in (n_steps // 4, n_steps):
+                m = probe(store, steps, env)
+                growth = m["peak"] - m["opened"]
+                print(f"{label:>22} {steps:6d} {m['raw'] / 1e9:7.2f} {m['opened'] / mib:5.0f} MiB "
+                      f"{m['peak'] / mib:5.0f} MiB {growth / mib:4.0f} MiB "
+                      f"{m['raw'] / m['peak']:7.1f}x {m['raw'] / m['seconds'] / 1e9:6.3f}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
