@@ -90,8 +90,8 @@ def compare(run: Path, ref: Path, *, final: bool) -> tuple[int, int, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8, help="kills to make")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--levels", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random kill delays")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(dense, ref)
     shutil.copytree(dense, run)
     imp = ["imp", "--levels", str(args.levels), "--rewind", "3", "--seeds", "0",
-           "--schedule", f"0:{steps + 1}:5", "--quiet"]
+           "--schedule", f"0:{steps + 1}:{max(1, steps // 20)}", "--quiet"]
     t0 = time.monotonic()
     subprocess.run([*_ckpt(), *imp[:1], str(ref), *imp[1:]], check=True, env=env,
                    capture_output=True)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         killing = kills < args.trials
         t_start = time.monotonic()
         try:
-            proc.wait(timeout=rng.uniform(0.1, 0.8) * t_run if killing else None)
+            proc.wait(timeout=rng.uniform(0.3, 1.0) * t_run if killing else None)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()

@@ -60,9 +60,13 @@ _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch
 
 
 def _background_priority() -> None:
-    """Run the calling thread at idle CPU priority where the OS has one (Linux)."""
+    """Lower the calling thread's CPU priority (nice +10) where the OS allows it.
+
+    Not idle priority: on a machine shared with other jobs an idle-priority writer
+    starves, the bounded queue fills, and training stalls behind it.
+    """
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _is_writer_rank() -> bool:
@@ -310,11 +314,11 @@ class Recorder:
 
     # -- background writer --------------------------------------------------------------
     def _drain(self) -> None:
-        # Compression runs on this thread's own event loop and executor, at idle CPU
-        # priority: on a machine whose cores all train, it fills the gaps between
+        # Compression runs on this thread's own event loop and executor, at lowered CPU
+        # priority: on a machine whose cores all train, it mostly fills the gaps between
         # operations instead of pre-empting training threads (which then stall the
         # others at every parallel barrier). When it falls behind, `record` blocks on
-        # the bounded queue, training pauses, and the writer gets the cores.
+        # the bounded queue and training waits for it.
         _background_priority()
         codecs = ThreadPoolExecutor(1, "ckpt-codec", initializer=_background_priority)
         self._loop = asyncio.new_event_loop()
