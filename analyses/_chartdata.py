@@ -24,6 +24,15 @@ WIDTH, HEIGHT = 340, 210  # pixels of one panel
 MAX_POINTS = 1000  # recorded steps kept per series; the paper's schedule has ~550
 
 
+def json_value(value):
+    """A JSON-ready Python value (numpy scalars and string dtypes become int/float/str)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value if isinstance(value, int | float) else str(value)
+
+
 def runs_of(data: Runs) -> dict[str, xr.Dataset]:
     """``{run name: Dataset}``; a lone Dataset is the run ``"run"``."""
     return {"run": data} if isinstance(data, xr.Dataset) else dict(data)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import altair as alt
 import numpy as np
 import xarray as xr
+from ckpt_tools.analyses._chartdata import json_value
 
 __all__ = [
     "PERMUTATION_KINDS",
@@ -48,16 +49,7 @@ def _rows(summary: xr.Dataset, var: str, keep: Sequence[str]) -> list[dict]:
             ds[name] = summary[name]
     table = ds.to_dataframe().reset_index()
     table = table[np.isfinite(table["mean"])]
-    return [{k: _plain(v) for k, v in row.items()} for row in table.to_dict("records")]
-
-
-def _plain(value):
-    """A JSON-ready Python value (numpy scalars and string dtypes become int/float/str)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value if isinstance(value, int | float) else str(value)
+    return [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
 
 
 def _tooltip(rows: list[dict]) -> list[alt.Tooltip]:

@@ -14,6 +14,7 @@ import re
 import altair as alt
 import numpy as np
 import xarray as xr
+from ckpt_tools.analyses._chartdata import json_value
 
 from ckpt_tools.store import StoreError, list_results, read_result
 
@@ -30,21 +31,13 @@ _RESAMPLES = 2000
 _INSTABILITY_RE = re.compile(r"^instability(?:_level_(\d+))?_summary$")
 
 
-def _plain(value):
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value if isinstance(value, int | float) else str(value)
-
-
 def _rows(reduced: xr.Dataset, var: str, extra: dict[str, xr.DataArray]) -> list[dict]:
     ds = reduced[var].to_dataset(dim="statistic")
     for name, values in extra.items():
         ds[name] = values
     table = ds.to_dataframe().reset_index()
     table = table[np.isfinite(table["mean"])]
-    return [{k: _plain(v) for k, v in row.items()} for row in table.to_dict("records")]
+    return [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
 
 
 def _with_bars(rows: list[dict], x: alt.X, y_title: str, color: str, title: str) -> alt.Chart:
