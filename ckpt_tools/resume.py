@@ -11,15 +11,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import zarr
-
-from ckpt_tools.store import StoreError, check_group_name, read_group_meta, read_root
+from ckpt_tools.store import (
+    StoreError,
+    check_group_name,
+    committed_count,
+    read_group_meta,
+    read_root,
+)
 from ckpt_tools.train import TrainConfig, TrainResult, train
 
 __all__ = ["ResumeStatus", "resume_run", "resume_status"]
 
-_LAYOUT = ("step", "committed", "params", "buffers", "grad_norm")
 _FIELDS = frozenset(TrainConfig.__dataclass_fields__)
 
 
@@ -42,19 +44,6 @@ class ResumeStatus:
     from_step: int | None
     stored_steps: int
     intact: bool
-
-
-def _committed(path: Path, group: str) -> tuple[bool, int]:
-    folder = path / group
-    if not all((folder / name / "zarr.json").is_file() for name in _LAYOUT):
-        return False, 0
-    try:
-        node = zarr.open_group(str(folder), mode="r", use_consolidated=False)
-        flags = np.asarray(node["committed"][:], dtype=bool)
-    except Exception as exc:  # a damaged chunk of the committed flags
-        raise StoreError(f"group '{group}' in {path}: unreadable 'committed' flags "
-                         f"({exc.__class__.__name__}); the store is damaged") from exc
-    return True, int(flags.sum())
 
 
 def resume_status(path: str | Path, group: str = "train") -> ResumeStatus:
@@ -88,7 +77,7 @@ def resume_status(path: str | Path, group: str = "train") -> ResumeStatus:
     except (TypeError, ValueError) as exc:
         raise StoreError(f"group '{group}' in {path} has a damaged configuration "
                          f"({exc})") from exc
-    intact, count = _committed(path, group)
+    intact, count = committed_count(path, group)
     pointer = meta.get("resume") or {}
     step = pointer.get("step") if isinstance(pointer, dict) else None
     return ResumeStatus(

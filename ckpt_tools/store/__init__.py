@@ -14,6 +14,7 @@ from ckpt_tools.store.layout import (
 )
 from ckpt_tools.store.lock import GroupLock
 from ckpt_tools.store.reader import (
+    committed_count,
     history_groups,
     history_meta,
     open_history,
@@ -42,6 +43,7 @@ __all__ = [
     "check_store",
     "consolidate",
     "first_mismatch",
+    "committed_count",
     "history_groups",
     "history_meta",
     "list_results",

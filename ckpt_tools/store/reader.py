@@ -224,6 +224,30 @@ def read_row(
     return params, buffers, p_specs, b_specs
 
 
+_HISTORY_ARRAYS = ("step", "committed", "params", "buffers", "grad_norm")
+
+
+def committed_count(path: str | Path, group: str) -> tuple[bool, int]:
+    """Whether a history group's arrays all exist, and how many of its rows are committed.
+
+    Reads only the group's own metadata and `committed` flags (no consolidated metadata),
+    so it works on a group whose creation was interrupted: `(False, 0)`.
+
+    Raises:
+        StoreError: the `committed` flags exist but cannot be read.
+    """
+    folder = Path(path) / group
+    if not all((folder / name / "zarr.json").is_file() for name in _HISTORY_ARRAYS):
+        return False, 0
+    try:
+        node = zarr.open_group(str(folder), mode="r", use_consolidated=False)
+        flags = np.asarray(node["committed"][:], dtype=bool)
+    except Exception as exc:  # a damaged chunk of the committed flags
+        raise StoreError(f"group '{group}' in {path}: unreadable 'committed' flags "
+                         f"({exc.__class__.__name__}); the store is damaged") from exc
+    return True, int(flags.sum())
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
