@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt_tools.train import TrainConfig, train
 
@@ -36,3 +37,16 @@ def tiny_copy(tiny_run, tmp_path) -> Path:
     dst = tmp_path / "tiny.zarr"
     shutil.copytree(tiny_run, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (``pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models and tensors run several times faster on one thread when the two cores
+    are shared: waking a second thread costs more than the work.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,7 @@ from ckpt_tools import data as data_module
 from ckpt_tools.batches import batch_for_step, batches_per_epoch, normalize, test_batches
 from ckpt_tools.data import DATASET_NAMES, ImageData, load
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy 2-core machine, waking a second thread costs more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from ckpt_tools import StoreError, load_state_dict, open_history
 SMOKE = PRESETS["smoke"].imp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- prune against a slow reference --------------------------------------------------------

@@ -8,13 +8,7 @@ from ckpt_tools.models import MODEL_NAMES, build, output_layer_name, prunable_pa
 SHAPES = [(1, 8), (1, 28), (3, 32)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy 2-core machine, waking a second thread costs more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: nn.Module) -> int:
