@@ -26,7 +26,7 @@ from ckpt_tools.provenance import provenance
 from ckpt_tools.schedule import Schedule
 from ckpt_tools.store import CHUNK_STEPS, HistoryWriter, ResumePoint, StoreError, first_mismatch
 from ckpt_tools.store.layout import ATTRS_KEY, to_json_safe
-from ckpt_tools.tensors import TensorSpec, buffer_specs, param_specs, unwrap
+from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 
 __all__ = ["Recorder"]
 
@@ -394,16 +394,6 @@ class Recorder:
             finally:
                 self._writer.release()
         self._raise_writer_error()
-
-    @property
-    def writer(self) -> HistoryWriter | None:
-        """The store writer (None on non-writing ranks)."""
-        return self._writer if self.active else None
-
-    @property
-    def specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        """The parameter and buffer tables of the recorded model."""
-        return self.params, self.buffers
 
     def __enter__(self) -> Recorder:
         return self

@@ -420,16 +420,6 @@ class HistoryWriter:
         for name in sorted(metrics, key=lambda m: m == marker):
             group[name][index] = float(metrics[name])
 
-    def write_array(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
-        """Write (or replace) a small auxiliary array in this group, e.g. resume state."""
-        if name in self.group:
-            del self.group[name]
-        arr = self.group.create_array(
-            name, shape=values.shape, chunks=values.shape or None, dtype=values.dtype,
-            fill_value=0, dimension_names=dims,
-        )
-        arr[...] = values
-
     def save_resume_point(self, point: ResumePoint) -> None:
         """Store `point` as the group's resume point (rows up to its step are committed)."""
         write_resume_point(self.group, point)
