@@ -32,7 +32,6 @@ import torch
 import xarray as xr
 from ckpt_tools.analyses.imp import (
     dense_config,
-    final_eval,
     history_complete,
     mask_group,
     param_table,
@@ -42,9 +41,15 @@ from ckpt_tools.analyses.imp import (
 from ckpt_tools.analyses.imp_run import read_summary
 from ckpt_tools.analyses.perturb import ABLATIONS, Start
 
-from ckpt_tools import load_state_dict, open_history
-from ckpt_tools.store import StoreError, history_groups, read_result, write_result
-from ckpt_tools.store.layout import ATTRS_KEY
+from ckpt_tools import load_state_dict
+from ckpt_tools.store import (
+    StoreError,
+    history_groups,
+    last_evaluations,
+    read_group_meta,
+    read_result,
+    write_result,
+)
 from ckpt_tools.train import TrainResult
 
 __all__ = [
@@ -262,13 +267,14 @@ def ablation_summary(store: str | Path) -> xr.Dataset:
     shape = tuple(len(a) for a in axes)
     values = {v: np.full(shape, np.nan) for v in ("test_accuracy", "test_loss", "remaining")}
     meta: dict[str, tuple[str, float]] = {}
+    evaluations = last_evaluations(store, found.values())
     for key, group in found.items():
         index = tuple(a.index(v) for a, v in zip(axes, key, strict=True))
-        experiment = open_history(store, group).attrs[ATTRS_KEY]["config"]["experiment"]
+        experiment = read_group_meta(store, group)["config"]["experiment"]
         alpha = experiment.get("alpha")
         meta[key[0]] = (experiment["ablation"], np.nan if alpha is None else float(alpha))
         values["remaining"][index] = experiment["remaining"]
-        metrics = final_eval(store, group)
+        metrics = evaluations[group]
         for name in ("test_accuracy", "test_loss"):
             values[name][index] = metrics.get(name, np.nan)
     dims = ("kind", "rewind_step", "level", "seed")

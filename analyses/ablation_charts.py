@@ -71,8 +71,33 @@ def _points(rows: list[dict], x: alt.X, color: str, title: str, y_title: str) ->
     return lines + bars
 
 
+def _imp_curves(references: xr.Dataset | None, k: int) -> alt.Chart | None:
+    """IMP rewound to `k` and to 0 (levels >= 1), dashed: where ablations of k stand."""
+    if references is None:
+        return None
+    rows = []
+    for rewind in dict.fromkeys((int(k), 0)):
+        if rewind not in references.rewind_step.values:
+            continue
+        ref = references.sel(rewind_step=rewind, statistic="mean")
+        for level in references.level.values[1:]:
+            acc, rem = (float(ref[v].sel(level=level)) for v in ("test_accuracy", "remaining"))
+            if np.isfinite(acc) and np.isfinite(rem):
+                rows.append({"reference": f"IMP rewind to {rewind}", "remaining_mean": rem,
+                             "mean": acc, "level": int(level)})
+    if not rows:
+        return None
+    return alt.Chart(alt.InlineData(values=rows)).mark_line(
+        point=alt.OverlayMarkDef(color="gray", filled=False, size=70), strokeDash=[4, 4],
+        color="gray").encode(
+        x="remaining_mean:Q", y="mean:Q", detail="reference:N",
+        shape=alt.Shape("reference:N", title="reference"),
+        tooltip=["reference:N", "level:Q", "remaining_mean:Q", "mean:Q"])
+
+
 def chart_ablation_panel(
-    summary: xr.Dataset, kinds: Sequence[str], *, title: str, dense_accuracy: float | None = None
+    summary: xr.Dataset, kinds: Sequence[str], *, title: str, dense_accuracy: float | None = None,
+    references: xr.Dataset | None = None,
 ) -> alt.TopLevelMixin:
     """Test accuracy vs fraction of weights remaining (log axis) for some ablation kinds.
 
@@ -82,6 +107,9 @@ def chart_ablation_panel(
         kinds: Which conditions to draw (those absent are skipped).
         title: Chart title.
         dense_accuracy: Drawn as a dashed rule (the dense run's final accuracy).
+        references: The IMP summary reduced over seeds: IMP rewound to each panel's k and
+            to 0 are drawn as dashed gray curves (mean accuracy per level), the two ends
+            that an ablation of the weights at k falls between.
 
     Returns:
         One panel per rewind step, side by side.
@@ -100,22 +128,36 @@ def chart_ablation_panel(
             rule = alt.Chart(alt.InlineData(values=[{"dense": dense_accuracy}])).mark_rule(
                 strokeDash=[4, 4], color="gray").encode(y="dense:Q")
             chart = chart + rule
+        curves = _imp_curves(references, k)
+        if curves is not None:
+            chart = chart + curves
         panels.append(chart)
     return alt.hconcat(*panels) if len(panels) > 1 else panels[0]
 
 
-def chart_noise(summary: xr.Dataset) -> alt.Chart:
+def chart_noise(summary: xr.Dataset, *, references: xr.Dataset | None = None) -> alt.Chart:
     """Test accuracy vs noise scale alpha, one line per (rewind step, level).
 
     Args:
         summary: `ablation_summary` reduced over seeds; the ``noise_alpha_<a>``
             conditions are drawn at their alpha and ``signs_k_mags_k`` (no noise) at 0.
+        references: The IMP summary reduced over seeds: where ``signs_k_mags_k`` was not
+            run, IMP rewound to k at the same level (the same network) is drawn at 0.
     """
     alpha = summary["alpha"].values.copy()
     alpha[summary.kind.values == "signs_k_mags_k"] = 0.0
     keep = np.isfinite(alpha)
     sub = summary.isel(kind=np.flatnonzero(keep)).assign_coords(alpha=("kind", alpha[keep]))
     rows = _rows(sub, "test_accuracy", ["alpha"])
+    have_zero = {(r["rewind_step"], r["level"]) for r in rows if r["alpha"] == 0.0}
+    if references is not None:
+        for k, level in sorted({(r["rewind_step"], r["level"]) for r in rows} - have_zero):
+            if k in references.rewind_step.values and level in references.level.values:
+                ref = references["test_accuracy"].sel(rewind_step=k, level=level)
+                stats = {s: float(ref.sel(statistic=s)) for s in ("mean", "low", "high")}
+                if np.isfinite(stats["mean"]):
+                    rows.append({"kind": "IMP (rewinding)", "rewind_step": k, "level": level,
+                                 "alpha": 0.0, **stats})
     for row in rows:
         row["run"] = f"rewind {row['rewind_step']}, level {row['level']}"
     x = alt.X("alpha:Q", title="noise scale alpha (layer standard deviations)")
@@ -169,11 +211,11 @@ def figures(ablations: xr.Dataset | None, pretraining: xr.Dataset | None,
             ("permutation", PERMUTATION_KINDS, "Permuting the weights at k"),
             ("distribution", DISTRIBUTION_KINDS, "Re-initialisation and controls"),
         ):
-            if len(set(kinds) & set(ablations.kind.values)) > (kinds[0] == "signs_k_mags_k"):
+            if set(kinds[1:]) & set(ablations.kind.values):
                 out[name] = chart_ablation_panel(ablations, kinds, title=title,
-                                                 dense_accuracy=dense)
+                                                 dense_accuracy=dense, references=imp)
         if any(str(k).startswith("noise_alpha_") for k in ablations.kind.values):
-            out["noise"] = chart_noise(ablations)
+            out["noise"] = chart_noise(ablations, references=imp)
     if pretraining is not None and np.isfinite(pretraining["test_accuracy"].values).any():
         out["pretraining"] = chart_pretraining(pretraining, references=imp)
     return out

@@ -33,9 +33,9 @@ import torch
 
 from ckpt_tools import load_state_dict, open_history
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import StoreError, read_group_meta, read_root
+from ckpt_tools.store import StoreError, last_evaluations, read_group_meta, read_root
 from ckpt_tools.store import masks as mask_store
-from ckpt_tools.store.layout import ATTRS_KEY, to_json_safe
+from ckpt_tools.store.layout import to_json_safe
 from ckpt_tools.tensors import TensorSpec, specs_from_json
 from ckpt_tools.train import TrainConfig, TrainResult, train
 
@@ -319,11 +319,7 @@ def _group_meta(store: str | Path, group: str) -> dict | None:
 
 def final_eval(store: str | Path, group: str) -> dict[str, float]:
     """The last stored evaluation of a history (e.g. ``test_accuracy``), {} if none."""
-    ds = open_history(store, group)
-    names = ds.attrs[ATTRS_KEY].get("eval_metrics", [])
-    if "eval_step" not in ds.dims or ds.sizes["eval_step"] == 0:
-        return {}
-    return {n: float(ds[n].isel(eval_step=-1).values) for n in names}
+    return last_evaluations(store, [group])[group]
 
 
 def level_schedule(config: TrainConfig, start_step: int, text: str | None = None) -> Schedule:

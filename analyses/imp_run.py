@@ -39,8 +39,8 @@ from ckpt_tools.analyses.imp import (
     write_mask,
 )
 
-from ckpt_tools import load_state_dict, open_store
-from ckpt_tools.store import StoreError, read_result, write_result
+from ckpt_tools import load_state_dict
+from ckpt_tools.store import StoreError, last_evaluations, read_result, write_result
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.tensors import TensorSpec
 from ckpt_tools.train import TrainResult
@@ -205,12 +205,6 @@ def _dense_group(store: str | Path) -> str | None:
     return None
 
 
-def _last(ds: xr.Dataset, var: str) -> float:
-    if var not in ds or ds.sizes.get("eval_step", 0) == 0:
-        return np.nan
-    return float(ds[var].isel(eval_step=-1).values)
-
-
 def imp_summary(store: str | Path) -> xr.Dataset:
     """Results of every IMP level stored in `store`, gathered from its groups.
 
@@ -222,34 +216,34 @@ def imp_summary(store: str | Path) -> xr.Dataset:
         the dense run, repeated for every rewind step and seed; levels not (yet) pruned
         or trained are NaN. Attributes: ``dense_test_accuracy``, ``dense_group``.
     """
-    tree = open_store(store)
-    nodes = {node.path.strip("/"): node for node in tree.subtree}
-    lineages = sorted({tuple(map(int, m.groups())) for p in nodes if (m := _MASKS_RE.match(p))})
+    found = (_MASKS_RE.match(g) for g in mask_store.mask_groups(store, "imp"))
+    lineages = sorted({(int(m[1]), int(m[2])) for m in found if m})
     rewinds = sorted({k for k, _ in lineages})
     seeds = sorted({s for _, s in lineages})
-    masks = {(k, s): nodes[mask_group(k, s)].to_dataset(inherit=False) for k, s in lineages}
-    n_levels = max((m.sizes["level"] for m in masks.values()), default=1)
+    masks = {(k, s): mask_store.read_masks(store, mask_group(k, s)) for k, s in lineages}
+    n_levels = max((m.masks.shape[0] for m in masks.values()), default=1)
     shape = (len(rewinds), n_levels, len(seeds))
     values = {v: np.full(shape, np.nan) for v in ("remaining", "test_accuracy", "test_loss")}
     dense_group = _dense_group(store)
-    dense = nodes[dense_group].to_dataset(inherit=False) if dense_group else xr.Dataset()
+    levels = {(k, level, seed): level_group(k, level, seed)
+              for k, seed in lineages for level in range(1, n_levels)}
+    levels = {key: g for key, g in levels.items() if history_complete(store, g)}
+    evaluations = last_evaluations(store, [*([dense_group] if dense_group else []),
+                                           *levels.values()])
+    dense = evaluations.get(dense_group, {})
     prunable = np.zeros(sum(s.size for s in param_table(store)), bool)
     for spec in param_table(store):
         prunable[spec.offset : spec.stop] = spec.prunable
-    for (k, seed), ds in masks.items():
+    for (k, seed), ms in masks.items():
         i, j = rewinds.index(k), seeds.index(seed)
-        written = np.asarray(ds["written"].values, bool)
-        kept = np.asarray(ds["mask"].values, bool)[:, prunable].mean(axis=1)
-        values["remaining"][i, : len(written), j] = np.where(written, kept, np.nan)
+        kept = ms.masks[:, prunable].mean(axis=1)
+        values["remaining"][i, : len(ms.written), j] = np.where(ms.written, kept, np.nan)
         for level in range(n_levels):
-            if level == 0:
-                source = dense
-            elif history_complete(store, level_group(k, level, seed)):
-                source = nodes[level_group(k, level, seed)].to_dataset(inherit=False)
-            else:
+            source = dense if level == 0 else evaluations.get(levels.get((k, level, seed)), None)
+            if source is None:
                 continue
             for var in ("test_accuracy", "test_loss"):
-                values[var][i, level, j] = _last(source, var)
+                values[var][i, level, j] = source.get(var, np.nan)
     dims = ("rewind_step", "level", "seed")
     return xr.Dataset(
         {
@@ -261,7 +255,7 @@ def imp_summary(store: str | Path) -> xr.Dataset:
         coords={"rewind_step": np.asarray(rewinds, np.int64),
                 "level": np.arange(n_levels, dtype=np.int64),
                 "seed": np.asarray(seeds, np.int64)},
-        attrs={"dense_test_accuracy": _last(dense, "test_accuracy"),
+        attrs={"dense_test_accuracy": dense.get("test_accuracy", np.nan),
                "dense_group": dense_group or ""},
     )
 

@@ -42,7 +42,6 @@ from ckpt_tools.analyses import pretext
 from ckpt_tools.analyses.imp import (
     Scope,
     dense_config,
-    final_eval,
     history_complete,
     mask_from_row,
     mask_group,
@@ -54,10 +53,16 @@ from ckpt_tools.analyses.imp import (
 )
 from ckpt_tools.analyses.imp_run import output_weight
 
-from ckpt_tools import load_state_dict, open_history
-from ckpt_tools.store import StoreError, history_groups, read_result, write_result
+from ckpt_tools import load_state_dict
+from ckpt_tools.store import (
+    StoreError,
+    history_groups,
+    last_evaluations,
+    read_group_meta,
+    read_result,
+    write_result,
+)
 from ckpt_tools.store import masks as mask_store
-from ckpt_tools.store.layout import ATTRS_KEY
 from ckpt_tools.train import TrainConfig, build
 
 __all__ = [
@@ -326,17 +331,18 @@ def pretrain_summary(store: str | Path) -> xr.Dataset:
     shape = (len(conditions), len(steps), len(levels), len(seeds))
     values = {v: np.full(shape, np.nan) for v in ("test_accuracy", "test_loss", "remaining")}
     pretext_acc = np.full((len(conditions), len(steps), len(seeds)), np.nan)
+    finished_pre = {key: g for key, g in pre.items() if history_complete(store, g, key[1])}
+    evaluations = last_evaluations(store, [*runs.values(), *finished_pre.values()])
     for (c, n, s, level), group in runs.items():
         i = (conditions.index(c), steps.index(n), levels.index(level), seeds.index(s))
-        metrics = final_eval(store, group)
-        experiment = open_history(store, group).attrs[ATTRS_KEY]["config"]["experiment"]
+        metrics = evaluations[group]
+        experiment = read_group_meta(store, group)["config"]["experiment"]
         values["remaining"][i] = experiment.get("remaining", np.nan)
         for name in ("test_accuracy", "test_loss"):
             values[name][i] = metrics.get(name, np.nan)
-    for (c, n, s), group in pre.items():
-        if history_complete(store, group, n):
-            acc = final_eval(store, group).get("test_accuracy", np.nan)
-            pretext_acc[conditions.index(c), steps.index(n), seeds.index(s)] = acc
+    for (c, n, s), group in finished_pre.items():
+        acc = evaluations[group].get("test_accuracy", np.nan)
+        pretext_acc[conditions.index(c), steps.index(n), seeds.index(s)] = acc
     dims = ("task", "pretrain_steps", "level", "seed")
     return xr.Dataset(
         {

@@ -25,6 +25,7 @@ only rebuilds numpy arrays, so a hostile file cannot run code.
 computed at load time (population std).
 """
 
+import functools
 import gzip
 import io
 import pickle
@@ -127,7 +128,8 @@ def load(name: str, *, root: str | Path | None = None, download: bool = False) -
         download: let torchvision fetch missing files into ``root`` first (needs a network).
 
     Returns:
-        The dataset, images uint8 (N, C, H, W), labels int64.
+        The dataset, images uint8 (N, C, H, W), labels int64. Loaded once per process
+        and (root); later calls return the same tensors, so do not modify them in place.
 
     Raises:
         ValueError: unknown name (the message lists the known ones), or a malformed file.
@@ -136,14 +138,21 @@ def load(name: str, *, root: str | Path | None = None, download: bool = False) -
     """
     if name not in _SPECS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    if download:
+        if root is None:
+            raise ValueError(f"{name}: download=True needs a root folder to download into")
+        _download(_SPECS[name][2], Path(root))
+    return _load(name, None if root is None else str(Path(root).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, root: str | None) -> ImageData:
+    # Cached per process: experiments build a model and its data for every run they train.
+    # The tensors are shared between calls, and nothing in ckpt-tools modifies them in place.
     num_classes, augment, torchvision_class = _SPECS[name]
     if name == "digits":
         arrays = _read_digits()
     else:
-        if download:
-            if root is None:
-                raise ValueError(f"{name}: download=True needs a root folder to download into")
-            _download(torchvision_class, Path(root))
         if name in ("mnist", "fashion-mnist"):
             arrays = _read_idx_set(name, torchvision_class, root)
         elif name in _CIFAR:

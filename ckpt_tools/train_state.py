@@ -153,7 +153,7 @@ class StopOnSignal:
         """The exception to raise once the loop has stopped after `step`."""
         name = signal.Signals(self.signum or signal.SIGINT).name
         hint = (f"ckpt record --resume {out}" if group == "train"
-                else "the same command with --resume")
+                else "the same command again (stored runs are skipped, this one resumes)")
         return TrainingInterrupted(
             f"stopped by {name} after step {step}; everything recorded up to it is stored in "
             f"{out} (group '{group}'); continue with: {hint}",

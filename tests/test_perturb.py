@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from ckpt_tools.analyses import ablation_charts, perturb
 from ckpt_tools.analyses.ablate import ablation_group, read_ablation_summary
 from ckpt_tools.analyses.imp import param_table, read_mask
@@ -330,3 +331,41 @@ def test_report_section_draws_the_stored_ablations(ablated):
     expected = {0.0: float(summary.test_accuracy.sel(kind="signs_k_mags_k")),
                 0.5: float(summary.test_accuracy.sel(kind="noise_alpha_0.5"))}
     assert {r["alpha"]: r["mean"] for r in rows} == expected
+
+
+def _imp_and_ablation_summaries():
+    """Hand-made seed-level summaries: IMP at k in {0, 5}, and permute_layer and noise at 5."""
+    from ckpt_tools.analyses.stats import summarize
+
+    seeds = np.array([0, 1])
+    imp = xr.Dataset(
+        {"test_accuracy": (("rewind_step", "level", "seed"),
+                           [[[0.9, 0.92], [0.7, 0.72], [0.5, 0.52]],
+                            [[0.9, 0.92], [0.8, 0.82], [0.75, 0.77]]]),
+         "remaining": (("rewind_step", "level", "seed"), np.tile([1.0, 0.5, 0.25], (2, 2, 1))
+                       .transpose(0, 2, 1))},
+        coords={"rewind_step": [0, 5], "level": [0, 1, 2], "seed": seeds},
+        attrs={"dense_test_accuracy": 0.91})
+    abl = xr.Dataset(
+        {"test_accuracy": (("kind", "rewind_step", "level", "seed"), [[[[0.6, 0.62]]],
+                                                                     [[[0.7, 0.74]]]]),
+         "remaining": (("kind", "rewind_step", "level", "seed"), np.full((2, 1, 1, 2), 0.25))},
+        coords={"kind": np.array(["permute_layer", "noise_alpha_1"], dtype=object),
+                "rewind_step": [5], "level": [2], "seed": seeds,
+                "ablation": ("kind", np.array(["permute_layer", "noise"], dtype=object)),
+                "alpha": ("kind", [np.nan, 1.0])})
+    return summarize(imp, "seed", n_resamples=200), summarize(abl, "seed", n_resamples=200)
+
+
+def test_one_ablation_kind_gets_its_panel_with_the_imp_curves_it_falls_between():
+    imp, abl = _imp_and_ablation_summaries()
+    figures = ablation_charts.figures(abl, None, imp)
+    assert set(figures) == {"permutation", "noise"}
+    rows = drawn_rows(figures["permutation"].to_dict())
+    refs = {(r["reference"], r["level"]): r["mean"] for r in rows if "reference" in r}
+    assert refs == pytest.approx({("IMP rewind to 5", 1): 0.81, ("IMP rewind to 5", 2): 0.76,
+                                  ("IMP rewind to 0", 1): 0.71, ("IMP rewind to 0", 2): 0.51})
+    assert [r["mean"] for r in rows if r.get("kind") == "permute_layer"] == pytest.approx([0.61])
+    # without signs_k_mags_k, the noise chart's alpha = 0 is IMP rewound to k, same level
+    noise = {r["alpha"]: r["mean"] for r in drawn_rows(figures["noise"].to_dict())}
+    assert noise == pytest.approx({0.0: 0.76, 1.0: 0.72})

@@ -155,8 +155,9 @@ def test_train_applies_the_task_to_training_and_evaluation_batches(tmp_path):
     config = TrainConfig(model="convnet", dataset="digits", width=4, steps=3, batch_size=32,
                          schedule="0:4:1", eval_schedule="0:4:3")
     train(config, tmp_path / "spy.zarr", task=Task(transform=spy))
-    # the test split (360 images) is one evaluation batch, at steps 0 and 3
-    assert seen == [0, 1, 2, 3, 0]
+    # evaluations at steps 0 and 3 see the test split (360 images) in batches, as step 0
+    evals = [0] * -(-360 // config.eval_batch_size)
+    assert seen == [*evals, 1, 2, 3, *evals]
 
 
 @pytest.mark.parametrize("total", [40, 41, 97, 1000])

@@ -32,6 +32,7 @@ __all__ = [
     "MaskSet",
     "mask_levels",
     "read_mask_row",
+    "mask_groups",
     "read_mask_settings",
     "read_masks",
     "write_mask_row",
@@ -47,6 +48,22 @@ def _mask_group(path: str | Path, group: str) -> zarr.Group | None:
     if not isinstance(node, zarr.Group) or node.attrs.get(ATTRS_KEY, {}).get("kind") != "masks":
         raise StoreError(f"group '{group}' in {path} is not a mask group")
     return node
+
+
+def mask_groups(path: str | Path, under: str) -> list[str]:
+    """Paths of every mask group at or below the group `under` (empty if it is missing)."""
+    check_group_name(under)
+    root = read_root(path)
+    if under not in root or not isinstance(root[under], zarr.Group):
+        return []
+    found, stack = [], [(under, root[under])]
+    while stack:
+        name, node = stack.pop()
+        if node.attrs.get(ATTRS_KEY, {}).get("kind") == "masks":
+            found.append(name)
+            continue
+        stack.extend((f"{name}/{child}", sub) for child, sub in node.groups())
+    return sorted(found)
 
 
 def write_mask_row(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "open_history",
     "open_tree",
     "read_row",
+    "last_evaluations",
     "read_root",
     "store_info",
 ]
@@ -81,9 +83,9 @@ def _histories(name: str, group: zarr.Group) -> list[str]:
     return out
 
 
-def _history_group(path: str | Path, group: str) -> zarr.Group:
+def _history_group(path: str | Path, group: str, root: zarr.Group | None = None) -> zarr.Group:
     check_group_name(group)
-    root = read_root(path)
+    root = read_root(path) if root is None else root
     try:
         node = root.get(group, None)
     except Exception as exc:  # damaged metadata below the root
@@ -165,6 +167,29 @@ def open_history(path: str | Path, group: str = "train") -> xr.Dataset:
     except Exception as exc:  # damaged metadata or chunks of the step/committed arrays
         raise StoreError(f"group '{group}' in {path}: cannot open ({exc.__class__.__name__}: "
                          f"{_first_line(exc)}); the store is damaged") from exc
+
+
+def last_evaluations(path: str | Path, groups: Iterable[str]) -> dict[str, dict[str, float]]:
+    """The last completed evaluation of each of `groups`, by group (``{}`` for none).
+
+    E.g. ``{"imp/rewind_0/seed_0/level_1": {"test_accuracy": 0.91, "test_loss": 0.27}}``.
+
+    Checks and opens the store once for all `groups` and reads only their evaluation
+    arrays, so gathering the results of many runs costs one metadata pass, not one each.
+
+    Raises:
+        StoreError: a group is missing or not a history, or its evaluations do not decode.
+    """
+    root = read_root(path)
+    out: dict[str, dict[str, float]] = {}
+    for group in groups:
+        node = _history_group(path, group, root)
+        names = node.attrs[ATTRS_KEY].get("eval_metrics") or []
+        where = f"group '{group}' in {path}"
+        values = {n: _read(node, n, slice(None), where, "*") for n in names}
+        done = np.flatnonzero(np.isfinite(values[names[0]])) if names else np.array([], int)
+        out[group] = {n: float(values[n][done[-1]]) for n in names} if done.size else {}
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
