@@ -12,7 +12,13 @@ import zarr
 
 import ckpt_tools
 from ckpt_tools.models import prunable_parameter_names
-from ckpt_tools.store import FORMAT_VERSION, StoreError, check_group_name, store_info
+from ckpt_tools.store import (
+    FORMAT_VERSION,
+    StoreError,
+    check_group_name,
+    last_evaluations,
+    store_info,
+)
 from ckpt_tools.train import TrainConfig, build
 
 STANDARD_CODECS = {"bytes", "transpose", "blosc", "zstd", "vlen-utf8"}
@@ -117,3 +123,13 @@ def test_missing_and_foreign_paths(tmp_path):
     zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", zarr_format=3)
     with pytest.raises(StoreError, match="not a ckpt-tools store"):
         ckpt_tools.open_store(tmp_path / "foreign.zarr")
+
+
+def test_last_evaluations_are_the_last_completed_rows(tiny_copy):
+    ds = ckpt_tools.open_history(tiny_copy)
+    expected = {name: float(ds[name].isel(eval_step=-1)) for name in ("test_accuracy",
+                                                                       "test_loss")}
+    assert last_evaluations(tiny_copy, ["train"]) == {"train": expected}
+    assert last_evaluations(tiny_copy, []) == {}
+    with pytest.raises(StoreError, match="no group 'imp'"):
+        last_evaluations(tiny_copy, ["train", "imp"])
