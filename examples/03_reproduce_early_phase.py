@@ -285,6 +285,9 @@ def summarize(out: Path, size_name: str, size: dict) -> dict:
             row[name] = _ci(vals)
             row[f"{name}_minus_rewind_k"] = _diff(vals, ref)
             row[f"{name}_recovered"] = _recovered(vals, zero, ref)
+        if alpha in row and "permute_layer" in row:
+            row["noise_minus_permute_layer"] = _diff(row[alpha]["values"],
+                                                     row["permute_layer"]["values"])
         row["start_change"] = {
             str(kind): _ci([_start_change(store, str(kind), k, level, int(seed))
                             for seed in abl["seed"].values])
@@ -364,6 +367,11 @@ def render(summary: dict) -> str:
                 f"| {kind} at k={k} minus rewinding to {k} | {_fmt(d)}, p = {d['pvalue']:.2f}; "
                 f"recovered {_frac(row[f'{kind}_recovered'])}; start moved "
                 f"{_change(row['start_change'][kind])} of w_k |")
+    for k in (early, late):
+        if "noise_minus_permute_layer" in ab[str(k)]:
+            d = ab[str(k)]["noise_minus_permute_layer"]
+            lines.append(f"| {ab['noise_condition']} minus permute_layer at k={k} | {_fmt(d)}, "
+                         f"p = {d['pvalue']:.2f} |")
     n, same = pre["steps"], pre["compared_rewind"]
     for task in [t for t in pre if isinstance(pre[t], dict) and "recovered" in pre[t]]:
         t = pre[task]
