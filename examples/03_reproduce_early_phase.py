@@ -5,10 +5,10 @@ Usage:
                                                 [--data-root DIR] [--dry-run] [--summary-only]
 
 Sizes (``--size``):
-    smoke          the embedded digits, a tiny conv net: about a minute (the default, so
+    smoke          the embedded digits, a tiny conv net: a few minutes (the default, so
                    the test suite runs the whole pipeline)
-    fashion-mnist  ResNet-20 on Fashion-MNIST (Debian's dataset-fashion-mnist): about an
-                   hour and a half on 2 CPU cores; the study in docs/reproduction.md
+    fashion-mnist  ResNet-20 on Fashion-MNIST (Debian's dataset-fashion-mnist): about
+                   two hours on 2 CPU cores; the study in docs/reproduction.md
     cifar10        ResNet-20 on CIFAR-10 at the paper's scale (63,000 updates; a GPU and
                    the CIFAR-10 python files under --data-root)
     gpu            ResNet-20 on Fashion-MNIST, 4x the training of fashion-mnist, three IMP
