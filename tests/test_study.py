@@ -109,3 +109,20 @@ def test_dry_run_prints_the_commands_without_running_them(tmp_path):
     assert "--dataset cifar10" in lines[0] and "--device cuda" in lines[0]
     assert not any("--device" in line for line in lines[1:])  # experiments follow the run
     assert not (tmp_path / "x").exists()
+
+
+def test_the_reproduction_page_shows_the_committed_summary():
+    """docs/reproduction.md's measured table is what the script renders from the committed
+    summary of the Fashion-MNIST study."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", SCRIPT)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    docs = Path(__file__).parents[1] / "docs"
+    summary = json.loads((docs / "reproduction" / "fashion-mnist-summary.json").read_text())
+    page = (docs / "reproduction.md").read_text()
+    table = study.render(summary).splitlines()
+    assert len(table) > 10
+    missing = [line for line in table if line not in page.splitlines()]
+    assert not missing, missing
