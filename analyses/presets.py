@@ -6,7 +6,7 @@ on the command line override a preset's values.
 
 Sizing of ``study`` (ResNet-20 on Fashion-MNIST, 28x28, batch 128, 2 CPU cores, torch's
 default 2 threads): one training step took 0.23-0.26 s and one evaluation of the 10,000
-test images about 25 s in the batches of 1,000 then used (4.4 s in today's batches of
+test images about 25 s in the batches of 1,000 then used (4.2 s in today's batches of
 128, so the sums below are upper bounds) with the cores lightly shared (load ~2.5); with the cores
 oversubscribed (load ~9) the same step took 2-4 s, so these sizes assume a quiet machine
 (commands in ``docs/experiments.md``, "Sizes"). The dense run is 800 steps (1.7 epochs,
