@@ -207,25 +207,30 @@ def _windows(series, steps, edges) -> list[float]:
     return means
 
 
-def _start_change(store: Path, condition: str, k: int, level: int, seed: int) -> float:
-    """|w' - m * w_k| / |m * w_k| over the prunable weights at step k: how far an ablation
-    moved the start of the run from plain rewinding (m: the run's mask, w': its start)."""
+def _start_changes(store: Path, conditions, k: int, level: int, seeds) -> dict[str, list]:
+    """|w' - m * w_k| / |m * w_k| over the prunable weights at step k, per condition and
+    seed: how far an ablation moved the start of the run from plain rewinding (m: the
+    run's mask, w': its start, read from the ablated run's stored step k)."""
     from ckpt_tools.analyses.ablate import ablation_group
     from ckpt_tools.analyses.imp import param_table
 
     import ckpt_tools
 
-    group = ablation_group(condition, k, level, seed)
-    start = ckpt_tools.load_state_dict(store, k, group=group)
+    prunable = [spec.name for spec in param_table(store) if spec.prunable]
     rewind = ckpt_tools.load_state_dict(store, k, group="train")
-    diff = norm = 0.0
-    for spec in param_table(store):
-        if spec.prunable:
-            kept = start[spec.name] != 0
-            w_k = rewind[spec.name] * kept
-            diff += float(((start[spec.name] - w_k) ** 2).sum())
-            norm += float((w_k**2).sum())
-    return math.sqrt(diff / norm)
+    out: dict[str, list] = {}
+    for condition in conditions:
+        out[condition] = []
+        for seed in seeds:
+            group = ablation_group(condition, k, level, seed)
+            start = ckpt_tools.load_state_dict(store, k, group=group)
+            diff = norm = 0.0
+            for name in prunable:
+                w_k = rewind[name] * (start[name] != 0)
+                diff += float(((start[name] - w_k) ** 2).sum())
+                norm += float((w_k**2).sum())
+            out[condition].append(math.sqrt(diff / norm))
+    return out
 
 
 def summarize(out: Path, size_name: str, size: dict) -> dict:
@@ -288,11 +293,9 @@ def summarize(out: Path, size_name: str, size: dict) -> dict:
         if alpha in row and "permute_layer" in row:
             row["noise_minus_permute_layer"] = _diff(row[alpha]["values"],
                                                      row["permute_layer"]["values"])
-        row["start_change"] = {
-            str(kind): _ci([_start_change(store, str(kind), k, level, int(seed))
-                            for seed in abl["seed"].values])
-            for kind in abl["kind"].values
-        }
+        changes = _start_changes(store, [str(c) for c in abl["kind"].values], k, level,
+                                 [int(seed) for seed in abl["seed"].values])
+        row["start_change"] = {kind: _ci(values) for kind, values in changes.items()}
         ablations[str(k)] = row
     ablations["noise_condition"] = alpha
 
@@ -401,8 +404,8 @@ def main() -> None:
         for args in steps:
             print("ckpt " + shlex.join(args))
         return
-    out.mkdir(parents=True, exist_ok=True)
     if not opts.summary_only:
+        out.mkdir(parents=True, exist_ok=True)
         with open(out / "commands.jsonl", "a") as log:
             for args in steps:
                 if args[0] == "record":
@@ -416,7 +419,13 @@ def main() -> None:
                     print(f"analysis {args[3]!r} is stored; skipping ckpt analyze", flush=True)
                     continue
                 run(args, log)
-    summary = summarize(out, opts.size, size)
+    from ckpt_tools.store import StoreError
+
+    try:
+        summary = summarize(out, opts.size, size)
+    except (StoreError, KeyError) as exc:
+        sys.exit(f"error: cannot summarise {out / 'study.zarr'} at size {opts.size!r}: {exc}; "
+                 "run the study there first (without --summary-only), at the same --size")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(render(summary))
     print(render(summary))

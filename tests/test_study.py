@@ -126,3 +126,11 @@ def test_the_reproduction_page_shows_the_committed_summary():
     assert len(table) > 10
     missing = [line for line in table if line not in page.splitlines()]
     assert not missing, missing
+
+
+def test_summary_only_without_a_study_says_so_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none"), "--summary-only"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: cannot summarise") and len(run.stderr.splitlines()) == 1
+    assert not (tmp_path / "none").exists()
