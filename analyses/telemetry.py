@@ -170,9 +170,9 @@ def _metrics(s: dict, n, grad: np.ndarray, steps: np.ndarray) -> dict[str, np.nd
 
 
 def chart(result: xr.Dataset):
-    """The telemetry panels of `result` (drawn by `ckpt_tools.analyses.charts`), in a grid."""
+    """The telemetry panels of `result`, in a grid (`ckpt_tools.analyses.report.charts`)."""
     import altair as alt
-    from ckpt_tools.analyses import charts
+    from ckpt_tools.analyses.report import charts
 
     panels = [
         charts.chart_mean_abs_weight(result), charts.chart_sign_changes(result),

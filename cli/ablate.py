@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.analyses.perturb import ABLATIONS
+from ckpt_tools.analyses.experiments.perturb import ABLATIONS
 from ckpt_tools.cli.errors import friendly
 from ckpt_tools.cli.imp import PresetName, parse_seeds
 from rich.console import Console
@@ -16,7 +16,7 @@ from rich.table import Table
 __all__ = ["ablate"]
 
 Kind = StrEnum("Kind", {name: name for name in sorted(ABLATIONS)})
-Kind.__doc__ = "Ablation kinds (``ckpt_tools.analyses.perturb.ABLATIONS``)."
+Kind.__doc__ = "Ablation kinds (``ckpt_tools.analyses.experiments.perturb.ABLATIONS``)."
 
 
 @friendly
@@ -33,7 +33,7 @@ def ablate(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Ablate the IMP sub-network at step k (signs, magnitudes, permutations, noise, controls)."""
-    from ckpt_tools.analyses.ablate import PRESETS, AblationSettings, run_ablations
+    from ckpt_tools.analyses.experiments.ablate import PRESETS, AblationSettings, run_ablations
 
     given = {k: v for k, v in {
         "level": level, "seeds": parse_seeds(seeds), "alphas": tuple(alpha) if alpha else None,

@@ -16,7 +16,7 @@ __all__ = ["PresetName", "imp", "parse_seeds"]
 
 
 class PresetName(StrEnum):
-    """Experiment sizes (``ckpt_tools.analyses.presets``)."""
+    """Experiment sizes (``ckpt_tools.analyses.experiments.presets``)."""
 
     smoke = "smoke"
     study = "study"
@@ -66,8 +66,8 @@ def imp(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Find sparse sub-networks by IMP with rewinding to step k; record every level."""
-    from ckpt_tools.analyses.imp_run import ImpSettings, run_imp
-    from ckpt_tools.analyses.presets import get_preset
+    from ckpt_tools.analyses.experiments.imp import ImpSettings, run_imp
+    from ckpt_tools.analyses.experiments.presets import get_preset
 
     given = _given(
         levels=levels, rewind_steps=tuple(rewind) if rewind else None, seeds=parse_seeds(seeds),

@@ -39,8 +39,12 @@ def instability(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train two copies from step k with different data orders; report the error barrier."""
-    from ckpt_tools.analyses.instability import InstabilitySettings, result_name, run_instability
-    from ckpt_tools.analyses.presets import get_preset
+    from ckpt_tools.analyses.experiments.instability import (
+        InstabilitySettings,
+        result_name,
+        run_instability,
+    )
+    from ckpt_tools.analyses.experiments.presets import get_preset
 
     given = {k: v for k, v in {
         "rewind_steps": tuple(rewind) if rewind else None, "seeds": parse_seeds(seeds),

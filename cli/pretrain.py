@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.analyses.pretrain import TASKS
+from ckpt_tools.analyses.experiments.pretrain import TASKS
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.imp import PresetName, parse_seeds
 from rich.console import Console
@@ -16,7 +16,7 @@ from rich.table import Table
 __all__ = ["pretrain"]
 
 TaskName = StrEnum("TaskName", {name: name for name in TASKS})
-TaskName.__doc__ = "Pre-training tasks (``ckpt_tools.analyses.pretrain.TASKS``)."
+TaskName.__doc__ = "Pre-training tasks (``ckpt_tools.analyses.experiments.pretrain.TASKS``)."
 
 
 @friendly
@@ -37,7 +37,7 @@ def pretrain(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Pre-train on another task (or sparse), then run IMP rewinding to the pre-trained weights."""
-    from ckpt_tools.analyses.pretrain import PRESETS, PretrainSettings, run_pretrain
+    from ckpt_tools.analyses.experiments.pretrain import PRESETS, PretrainSettings, run_pretrain
 
     given = {k: v for k, v in {
         "steps": steps, "blur_factor": blur_factor, "subset_fraction": subset_fraction,

@@ -52,8 +52,7 @@ def report(
     title: Annotated[str | None, typer.Option(help="Page title (default: the run names).")] = None,  # noqa: E501
 ) -> None:
     """Draw every available chart of one or more runs, with a summary table."""
-    from ckpt_tools.analyses import page
-    from ckpt_tools.analyses.report import build_report, load_runs
+    from ckpt_tools.analyses.report import build_report, load_runs, page
 
     out = DEFAULT_OUT[fmt] if out is None else out
     _check_out(out, fmt, stores)

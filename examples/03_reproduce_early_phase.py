@@ -211,8 +211,8 @@ def _start_changes(store: Path, conditions, k: int, level: int, seeds) -> dict[s
     """|w' - m * w_k| / |m * w_k| over the prunable weights at step k, per condition and
     seed: how far an ablation moved the start of the run from plain rewinding (m: the
     run's mask, w': its start, read from the ablated run's stored step k)."""
-    from ckpt_tools.analyses.ablate import ablation_group
-    from ckpt_tools.analyses.imp import param_table
+    from ckpt_tools.analyses.experiments.ablate import ablation_group
+    from ckpt_tools.analyses.experiments.pruning import param_table
 
     import ckpt_tools
 
@@ -235,9 +235,9 @@ def _start_changes(store: Path, conditions, k: int, level: int, seeds) -> dict[s
 
 def summarize(out: Path, size_name: str, size: dict) -> dict:
     """The measured value of each claim, from the store alone."""
-    from ckpt_tools.analyses.ablate import read_ablation_summary
-    from ckpt_tools.analyses.imp_run import read_summary
-    from ckpt_tools.analyses.pretrain import read_pretrain_summary
+    from ckpt_tools.analyses.experiments.ablate import read_ablation_summary
+    from ckpt_tools.analyses.experiments.imp import read_summary
+    from ckpt_tools.analyses.experiments.pretrain import read_pretrain_summary
 
     from ckpt_tools.store import read_result
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import vl_convert
 import xarray as xr
-from ckpt_tools.analyses import charts, telemetry
+from ckpt_tools.analyses import telemetry
+from ckpt_tools.analyses.report import charts
 
 from ckpt_tools import open_history
 

@@ -5,8 +5,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.analyses import imp
-from ckpt_tools.analyses.imp import (
+from ckpt_tools.analyses.experiments import pruning as imp
+from ckpt_tools.analyses.experiments.imp import ImpSettings, read_summary, run_imp
+from ckpt_tools.analyses.experiments.presets import PRESETS
+from ckpt_tools.analyses.experiments.pruning import (
     level_group,
     mask_to_row,
     param_table,
@@ -15,8 +17,6 @@ from ckpt_tools.analyses.imp import (
     train_sparse,
     write_mask,
 )
-from ckpt_tools.analyses.imp_run import ImpSettings, read_summary, run_imp
-from ckpt_tools.analyses.presets import PRESETS
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 

@@ -3,8 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.analyses.imp import dense_config, final_eval
-from ckpt_tools.analyses.instability import (
+from ckpt_tools.analyses.experiments.instability import (
     InstabilitySettings,
     copy_group,
     error_barrier,
@@ -14,7 +13,8 @@ from ckpt_tools.analyses.instability import (
     recompute_bn,
     run_instability,
 )
-from ckpt_tools.analyses.presets import PRESETS
+from ckpt_tools.analyses.experiments.presets import PRESETS
+from ckpt_tools.analyses.experiments.pruning import dense_config, final_eval
 from ckpt_tools.cli.app import app
 from torch import nn
 from typer.testing import CliRunner
@@ -135,7 +135,7 @@ def test_settings_are_validated(kwargs):
 
 
 def test_masked_copies_keep_the_imp_mask(tiny_copy):
-    from ckpt_tools.analyses.imp import mask_to_row, param_table, prune, write_mask
+    from ckpt_tools.analyses.experiments.pruning import mask_to_row, param_table, prune, write_mask
 
     specs = param_table(tiny_copy)
     final = load_state_dict(tiny_copy, dense_config(tiny_copy).steps)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from ckpt_tools.analyses import ablation_charts, perturb
-from ckpt_tools.analyses.ablate import ablation_group, read_ablation_summary
-from ckpt_tools.analyses.imp import param_table, read_mask
-from ckpt_tools.analyses.imp_run import read_summary
-from ckpt_tools.analyses.perturb import ABLATIONS, Start
+from ckpt_tools.analyses.experiments import perturb
+from ckpt_tools.analyses.experiments.ablate import ablation_group, read_ablation_summary
+from ckpt_tools.analyses.experiments.imp import read_summary
+from ckpt_tools.analyses.experiments.perturb import ABLATIONS, Start
+from ckpt_tools.analyses.experiments.pruning import param_table, read_mask
+from ckpt_tools.analyses.report import ablation_charts
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 

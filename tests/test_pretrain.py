@@ -8,9 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.analyses import ablation_charts, pretext
-from ckpt_tools.analyses.imp import dense_config, final_eval, param_table, prune, write_mask
-from ckpt_tools.analyses.pretrain import pretrain_config, read_pretrain_summary
+from ckpt_tools.analyses.experiments import pretext
+from ckpt_tools.analyses.experiments.pretrain import pretrain_config, read_pretrain_summary
+from ckpt_tools.analyses.experiments.pruning import (
+    dense_config,
+    final_eval,
+    param_table,
+    prune,
+    write_mask,
+)
+from ckpt_tools.analyses.report import ablation_charts
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 

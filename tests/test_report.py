@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckpt_tools.analyses import page, telemetry
-from ckpt_tools.analyses.report import SECTIONS, Section, build_report, load_runs
+from ckpt_tools.analyses import telemetry
+from ckpt_tools.analyses.report import SECTIONS, Section, build_report, load_runs, page
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckpt_tools.analyses.ablate import read_ablation_summary
-from ckpt_tools.analyses.imp_run import read_summary
-from ckpt_tools.analyses.pretrain import read_pretrain_summary
+from ckpt_tools.analyses.experiments.ablate import read_ablation_summary
+from ckpt_tools.analyses.experiments.imp import read_summary
+from ckpt_tools.analyses.experiments.pretrain import read_pretrain_summary
 
 from ckpt_tools.store import read_result
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import altair as alt
 import numpy as np
 import xarray as xr
-from ckpt_tools.analyses._chartdata import json_value
+from ckpt_tools.analyses.report._chartdata import json_value
 
 __all__ = [
     "PERMUTATION_KINDS",

@@ -4,7 +4,7 @@ A report is a list of sections; a section is a function from the runs to named c
 and is left out when it returns none (its data is absent). A new family of figures (for
 example IMP or ablations, read from each run's `tree`) is one more `Section` in
 `SECTIONS`. Rendering to one self-contained HTML page, or to PNG/SVG files, lives in
-`ckpt_tools.analyses.page`.
+`ckpt_tools.analyses.report.page`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import xarray as xr
-from ckpt_tools.analyses import ablation_charts, charts, imp_charts
+from ckpt_tools.analyses.report import ablation_charts, charts, imp_charts
 
 from ckpt_tools import open_history, open_store
 from ckpt_tools.store import StoreError, list_results, read_result, store_info

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from ckpt_tools.analyses.imp import (
+from ckpt_tools.analyses.experiments.pruning import (
     DENSE_GROUP,
     SUMMARY,
     Scope,

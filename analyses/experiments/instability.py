@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 import xarray as xr
-from ckpt_tools.analyses.imp import (
+from ckpt_tools.analyses.experiments.pruning import (
     check_rewind_steps,
     dense_config,
     dense_source,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import altair as alt
 import xarray as xr
-from ckpt_tools.analyses._chartdata import (
+from ckpt_tools.analyses.report._chartdata import (
     MAX_POINTS,
     STEP_TITLE,
     WIDTH,

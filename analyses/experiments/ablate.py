@@ -1,6 +1,6 @@
 """Ablations of the IMP sub-network at step k, trained from a store and recorded in it.
 
-For rewind step k, IMP level L, each ablation kind (`ckpt_tools.analyses.perturb.
+For rewind step k, IMP level L, each ablation kind (`ckpt_tools.analyses.experiments.perturb.
 ABLATIONS`) and each data seed s:
 
 1. the mask is level L of the IMP lineage ``(k, s)`` (``imp/rewind_<k>/seed_<s>/masks``,
@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from ckpt_tools.analyses.imp import (
+from ckpt_tools.analyses.experiments.imp import read_summary
+from ckpt_tools.analyses.experiments.perturb import ABLATIONS, Start
+from ckpt_tools.analyses.experiments.pruning import (
     dense_config,
     history_complete,
     mask_group,
@@ -38,8 +40,6 @@ from ckpt_tools.analyses.imp import (
     read_mask,
     train_sparse,
 )
-from ckpt_tools.analyses.imp_run import read_summary
-from ckpt_tools.analyses.perturb import ABLATIONS, Start
 
 from ckpt_tools import load_state_dict
 from ckpt_tools.store import (
@@ -70,8 +70,8 @@ PRESETS: dict[str, dict] = {
     "study": {"eval_schedule": "400", "alphas": (0.5, 1.0, 2.0)},
 }
 """`--preset` values of `AblationSettings` fields, for the dense runs that
-`ckpt_tools.analyses.presets` sizes. Study: one ablated run of ResNet-20 on Fashion-MNIST
-from k = 100 is 700 updates and 2 evaluations, about 4 minutes on 2 CPU cores, so one
+`ckpt_tools.analyses.experiments.presets` sizes. Study: one ablated run of ResNet-20 on
+Fashion-MNIST from k = 100 is 700 updates and 2 evaluations, about 4 minutes on 2 CPU cores, so one
 panel (5 to 6 kinds x 2 IMP seeds) takes about 40 minutes."""
 _GROUP_RE = re.compile(r"^experiments/ablate/(.+)/rewind_(\d+)/level_(\d+)/seed_(\d+)$")
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ckpt_tools.analyses.imp_run import ImpSettings
-from ckpt_tools.analyses.instability import InstabilitySettings
+from ckpt_tools.analyses.experiments.imp import ImpSettings
+from ckpt_tools.analyses.experiments.instability import InstabilitySettings
 
 from ckpt_tools.train import TrainConfig
 

@@ -14,7 +14,7 @@ import re
 import altair as alt
 import numpy as np
 import xarray as xr
-from ckpt_tools.analyses._chartdata import json_value
+from ckpt_tools.analyses.report._chartdata import json_value
 
 from ckpt_tools.store import StoreError, list_results, read_result
 

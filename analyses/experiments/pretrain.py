@@ -4,7 +4,7 @@ Can another task, or the sparse network alone, do the work of the dense network'
 phase? With the recorded run's config (T updates) and for each data seed s:
 
 Dense pretext tasks (``rotation``, ``blur``, ``blur-rotation``, ``random-labels``,
-``subset``; see `ckpt_tools.analyses.pretext`):
+``subset``; see `ckpt_tools.analyses.experiments.pretext`):
 
 1. Pre-training: the stored weights at step 0 (rotation tasks: with a fresh 4-way head,
    drawn as the model's own initialisation from ``config.seed``) are trained for N updates
@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from ckpt_tools.analyses import pretext
-from ckpt_tools.analyses.imp import (
+from ckpt_tools.analyses.experiments import pretext
+from ckpt_tools.analyses.experiments.imp import output_weight
+from ckpt_tools.analyses.experiments.pruning import (
     Scope,
     dense_config,
     history_complete,
@@ -51,7 +52,6 @@ from ckpt_tools.analyses.imp import (
     read_mask,
     train_sparse,
 )
-from ckpt_tools.analyses.imp_run import output_weight
 
 from ckpt_tools import load_state_dict
 from ckpt_tools.store import (
@@ -87,7 +87,7 @@ PRESETS: dict[str, dict] = {
               "exclude_output": True, "eval_schedule": "400"},
 }
 """`--preset` values of `PretrainSettings` fields, for the dense runs that
-`ckpt_tools.analyses.presets` sizes (pruning as that preset's IMP). Study: one dense
+`ckpt_tools.analyses.experiments.presets` sizes (pruning as that preset's IMP). Study: one dense
 task is 100 pre-training updates and 3 real-task runs of 800 updates (levels 0-2, 36% of
 the weights left at level 2, as IMP level 2), about 14 minutes on 2 CPU cores; ``sparse``
 (IMP mask of level 2, rewind 0) about 5 minutes; so the five tasks and ``sparse`` take
