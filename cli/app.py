@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import typer
-from ckpt_tools.cli import ablate, analyze, imp, info, instability, pretrain, record, report
+from ckpt_tools.cli import (
+    ablate,
+    analyze,
+    export,
+    imp,
+    importer,
+    info,
+    instability,
+    pretrain,
+    record,
+    report,
+)
 from ckpt_tools.cli.errors import state
 
 app = typer.Typer(
@@ -30,3 +41,5 @@ app.command("imp")(imp.imp)
 app.command("instability")(instability.instability)
 app.command("ablate")(ablate.ablate)
 app.command("pretrain")(pretrain.pretrain)
+app.command("import")(importer.import_series)
+app.command("export")(export.export)

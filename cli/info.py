@@ -29,7 +29,11 @@ def info(
     store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Show a store's groups, steps, layers, size on disk, compression ratio and config."""
+    """Show a store's groups, steps, layers, size on disk, compression ratio and config.
+
+    Warns about rows identical to another step's, steps out of order and gaps against
+    the schedule.
+    """
     summary = store_info(store)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -55,3 +59,5 @@ def info(
         if shown:
             table.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))
         console.print(table)
+        for line in g.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)

@@ -4,6 +4,7 @@ Layout and guarantees are documented in ``docs/store-format.md``.
 """
 
 from ckpt_tools.store.compat import check_model, check_state_dict, first_mismatch
+from ckpt_tools.store.integrity import HASH_ARRAY, row_digests, row_hasher
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
@@ -15,6 +16,7 @@ from ckpt_tools.store.layout import (
 from ckpt_tools.store.lock import GroupLock
 from ckpt_tools.store.reader import (
     committed_count,
+    history_check,
     history_groups,
     history_meta,
     last_evaluations,
@@ -34,6 +36,7 @@ __all__ = [
     "CHUNK_STEPS",
     "FORMAT_VERSION",
     "GroupLock",
+    "HASH_ARRAY",
     "HistoryWriter",
     "ResumePoint",
     "StoreError",
@@ -45,6 +48,7 @@ __all__ = [
     "consolidate",
     "first_mismatch",
     "committed_count",
+    "history_check",
     "history_groups",
     "history_meta",
     "last_evaluations",
@@ -58,6 +62,8 @@ __all__ = [
     "read_root",
     "remove_partials",
     "result_path",
+    "row_digests",
+    "row_hasher",
     "store_info",
     "write_result",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ckpt_tools.store.integrity import history_warnings
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
@@ -23,6 +24,7 @@ from ckpt_tools.store.safety import check_store
 from ckpt_tools.tensors import TensorSpec, specs_from_json
 
 __all__ = [
+    "history_check",
     "history_groups",
     "history_meta",
     "open_history",
@@ -102,6 +104,15 @@ def _history_group(path: str | Path, group: str, root: zarr.Group | None = None)
             raise StoreError(f"group '{group}' in {path} has damaged attributes (no '{key}' "
                              "table)")
     return node
+
+
+def history_check(path: str | Path, group: str = "train") -> list[str]:
+    """What looks wrong with a history's rows, one line each (see `integrity`).
+
+    Raises:
+        StoreError: if the store or the group is missing or not a history.
+    """
+    return history_warnings(_history_group(path, group))
 
 
 def history_meta(path: str | Path, group: str = "train") -> dict:
@@ -301,6 +312,7 @@ def _group_info(path: Path, name: str) -> dict:
         "stored_bytes": stored,
         "ratio": stored / raw if raw else float("nan"),
         "config": meta.get("config", {}),
+        "warnings": history_warnings(node),
     }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckpt_tools.store.integrity import ensure_hash_array, row_digests
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
@@ -162,6 +163,7 @@ class HistoryWriter:
         self.steps = np.asarray(group["step"][:])
         self.n_params = sum(s.size for s in self.params)
         self._committed = group["committed"]
+        self._hash_array = None
         self._scalars = {
             n: group[n] for n in meta.get("scalars", []) if check_name(n) and n in group
         }
@@ -266,6 +268,7 @@ class HistoryWriter:
         _float_array(
             group, "grad_norm", (n_steps, n_layers), (256, max(n_layers, 1)), ("step", "layer")
         )
+        ensure_hash_array(group)
         cls._write_table(group, "layer", params)
         cls._write_table(group, "buffer_layer", buffers)
         if eval_steps:
@@ -378,13 +381,44 @@ class HistoryWriter:
 
     def _row_writes(self, start, params, buffers, grad_norm, scalars):
         rows = slice(start, start + len(params))
-        writes = [(self.group["params"], rows, params)]
+        writes = [(self.group["params"], rows, params),
+                  (self._hashes(), rows, row_digests(params, buffers))]
         if buffers.shape[1]:
             writes.append((self.group["buffers"], rows, buffers))
         if grad_norm is not None:
             writes.append((self.group["grad_norm"], rows, grad_norm))
         writes += [(self._scalar(name), rows, v) for name, v in (scalars or {}).items()]
         return writes
+
+    def _hashes(self):
+        if self._hash_array is None:
+            self._hash_array = ensure_hash_array(self.group)
+        return self._hash_array
+
+    def block_shape(self, name: str = "params") -> tuple[int, int]:
+        """Rows and columns of `name`'s unit of storage (its shard, else its chunk).
+
+        Writing whole units (`write_block` at multiples of this shape) writes each stored
+        object once.
+        """
+        array = self.group[name]
+        shape = getattr(array, "shards", None) or array.chunks
+        return int(shape[0]), int(shape[1])
+
+    def write_block(self, name: str, start: int, column: int, values: np.ndarray) -> None:
+        """Write `values` `(rows, columns)` into `params` or `buffers` at `[start:, column:]`.
+
+        For writers that stream a row in pieces (`ckpt import`); they store each row's
+        content hash with `write_row_hashes` (see `integrity.row_hasher`) before `commit`.
+        """
+        if name not in ("params", "buffers"):
+            raise ValueError(f"write_block writes params or buffers, not {name!r}")
+        rows, cols = values.shape
+        self.group[name][start:start + rows, column:column + cols] = values
+
+    def write_row_hashes(self, start: int, digests: np.ndarray) -> None:
+        """Store the content hashes `(rows, 32)` uint8 of rows `start:start+rows`."""
+        self._hashes()[start:start + len(digests)] = digests
 
     def commit(self, rows: np.ndarray) -> None:
         """Mark `rows` (indices along `step`) complete; call only after `write_rows`."""
