@@ -50,3 +50,13 @@ def test_importing_the_toolkit_loads_no_training_framework():
     loaded = set(ast.literal_eval(run.stdout.strip().splitlines()[-1]))
     assert loaded & {"lightning", "pytorch_lightning", "transformers", "accelerate"} == set()
     assert "ckpt_tools" in loaded  # the check would see them if they were there
+
+
+def test_the_hub_libraries_load_only_when_used():
+    code = ("import sys, ckpt_tools, ckpt_tools.importer, ckpt_tools.exporter, ckpt_tools.cli.app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    loaded = set(ast.literal_eval(run.stdout.strip().splitlines()[-1]))
+    assert loaded & {"safetensors", "huggingface_hub"} == set()
+    assert "ckpt_tools" in loaded
