@@ -99,6 +99,9 @@ class Recorder:
             this session are rewritten. The group must have been recorded from the same
             architecture, schedule and `config`.
         max_pending: Full chunks allowed to wait for the writer before `record` blocks.
+        codec: How `params` and `buffers` chunks are stored: ``"lz4"`` (default,
+            lossless) or ``"none"`` (uncompressed, least CPU; compress later with
+            ``ckpt compact``). A resumed group keeps the codec it was created with.
 
     Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
     """
@@ -116,6 +119,7 @@ class Recorder:
         overwrite: bool = False,
         resume: bool = False,
         max_pending: int = 2,
+        codec: str = "lz4",
     ):
         self.path, self.group = Path(path), group
         self.schedule = _as_schedule(schedule)
@@ -131,7 +135,8 @@ class Recorder:
         self.params, self.buffers = param_specs(self._model), buffer_specs(self._model)
         self._sources = self._tensor_sources()
         self._views: dict[str, tuple] = {}
-        self._writer = self._open_writer(config, overwrite=overwrite, resume=resume)
+        self._writer = self._open_writer(config, overwrite=overwrite, resume=resume,
+                                         codec=codec)
         n_p = sum(s.size for s in self.params)
         n_b = sum(s.size for s in self.buffers)
         self._free: queue.Queue[_Chunk] = queue.Queue()
@@ -151,7 +156,7 @@ class Recorder:
 
     # -- set-up -------------------------------------------------------------------------
     def _open_writer(
-        self, config: Mapping | None, *, overwrite: bool, resume: bool
+        self, config: Mapping | None, *, overwrite: bool, resume: bool, codec: str
     ) -> HistoryWriter:
         if resume:
             writer = HistoryWriter.reopen(self.path, self.group)
@@ -176,7 +181,7 @@ class Recorder:
             self.path, self.group, steps=self.schedule.steps, params=self.params,
             buffers=self.buffers, attrs=attrs, root_attrs=provenance(),
             eval_steps=self.eval_schedule.steps if self.eval_schedule else (),
-            overwrite=overwrite,
+            overwrite=overwrite, codec=codec,
         )
 
     def _check_matches(self, writer: HistoryWriter, config: Mapping | None) -> None:

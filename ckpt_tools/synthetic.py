@@ -45,13 +45,15 @@ def write_synthetic_history(
     seed: int = 0,
     step_size: float = 1e-3,
     overwrite: bool = False,
+    codec: str = "lz4",
 ) -> Path:
     """Write a history of `n_steps` steps (0, 1, ..., n_steps - 1) of about `n_params` weights.
 
     The parameter table is `specs` (e.g. ``param_specs(model)`` of a real model) or else
     `synthetic_specs(n_params)`. Each step adds Gaussian noise of standard deviation
     `step_size` to every weight; per-layer gradient norms are positive random numbers.
-    Memory use is one chunk of `CHUNK_STEPS` rows, whatever the size.
+    Memory use is one chunk of `CHUNK_STEPS` rows, whatever the size. `codec` is the
+    store's codec for the weights (``"lz4"`` or ``"none"``).
 
     Returns:
         `path`.
@@ -62,7 +64,7 @@ def write_synthetic_history(
     writer = HistoryWriter.create(
         path, group, steps=list(range(n_steps)), params=specs, buffers=[],
         attrs={"config": {}, "synthetic": {"seed": seed, "step_size": step_size}},
-        root_attrs={"synthetic": True}, overwrite=overwrite,
+        root_attrs={"synthetic": True}, overwrite=overwrite, codec=codec,
     )
     try:
         current = rng.standard_normal(width, dtype=np.float32) * np.float32(0.2)

@@ -210,6 +210,7 @@ def train(
     task: Task | None = None,
     resume: bool = False,
     resume_interval: float | None = 30.0,
+    codec: str = "lz4",
 ) -> TrainResult:
     """Train `config` and record it into the group `group` of the store `out`.
 
@@ -231,6 +232,8 @@ def train(
             arguments as the interrupted call.
         resume_interval: Seconds between resume points (0: after every update; None:
             none, except when stopped by a signal).
+        codec: How the recorded chunks are stored (``"lz4"`` or ``"none"``; see
+            `Recorder`).
 
     Ctrl-C (SIGINT) or SIGTERM stops the loop at the next step boundary, with a resume
     point there.
@@ -266,7 +269,7 @@ def train(
     result = TrainResult(Path(out), group, start_step)
     with StopOnSignal() as stop, Recorder(
         out, model, sched, group=group, config=attrs, optimizer=opt,
-        eval_schedule=evals, overwrite=overwrite, resume=resume,
+        eval_schedule=evals, overwrite=overwrite, resume=resume, codec=codec,
     ) as rec:
         point = read_resume_point(out, group) if resume else None
         if point is None:

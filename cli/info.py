@@ -53,8 +53,11 @@ def info(
                                f"{g['scheduled_steps']} scheduled)")
         table.add_row("layers", f"{g['layers']} tensors ({g['prunable_layers']} prunable)")
         table.add_row("parameters", f"{g['parameters']:,} (+ {g['buffer_elements']:,} in buffers)")
+        codec = g.get("codec", "-")
+        if codec == "none":
+            codec = "none: uncompressed; `ckpt compact` compresses it"
         table.add_row("stored", f"{_size(g['stored_bytes'])} of {_size(g['raw_bytes'])} raw "
-                                f"float32: stored/raw = {g['ratio']:.3f}")
+                                f"float32: stored/raw = {g['ratio']:.3f} (codec {codec})")
         shown = {k: v for k, v in g["config"].items() if v is not None}
         if shown:
             table.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))

@@ -10,6 +10,7 @@ import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ckpt_tools.store import Codec
 from ckpt_tools.train import TrainConfig, train, with_overrides
 
 __all__ = ["record"]
@@ -89,6 +90,7 @@ def record(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing recorded history.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this store, bit for bit.")] = None,  # noqa: E501
     resume_interval: Annotated[float, typer.Option(min=0.0, help="Seconds between resume points (0: after every update).")] = 30.0,  # noqa: E501
+    codec: Annotated[Codec, typer.Option(help="How weights are stored: lz4 (lossless, default) or none (uncompressed, least CPU; run `ckpt compact` later).")] = Codec.lz4,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a model and record dense checkpoints into a Zarr store.
@@ -98,6 +100,10 @@ def record(
     if resume is not None:
         if out is not None or overwrite:
             raise fail("--resume continues the store it names; drop --out/--overwrite", USAGE)
+        codec_source = ctx.get_parameter_source("codec")
+        if codec_source is not None and codec_source.name == "COMMANDLINE":
+            raise fail("--resume keeps the codec the run was recorded with; drop --codec",
+                       USAGE)
         _resume(ctx, resume, quiet=quiet, interval=resume_interval)
         return
     if device is Device.cuda:
@@ -119,7 +125,7 @@ def record(
     with progress_bar(config.steps, f"{config.model} on {config.dataset}") as bar:
         task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
         result = train(
-            config, out, overwrite=overwrite, resume_interval=resume_interval,
+            config, out, overwrite=overwrite, resume_interval=resume_interval, codec=codec.value,
             on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
         )
     acc = result.final_eval.get("test_accuracy")

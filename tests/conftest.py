@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 
 from ckpt_tools.train import TrainConfig, train
 
@@ -50,3 +53,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def bits(values) -> np.ndarray:
+    """The bit patterns of `values` (floats as unsigned integers), to compare exactly."""
+    values = np.ascontiguousarray(values)
+    return values.view(f"u{values.dtype.itemsize}") if values.dtype.kind == "f" else values
+
+
+def assert_tensorstore_reads(store: Path, expected: dict | None = None) -> int:
+    """Check that TensorStore reads every numeric array of `store` bit for bit as zarr does.
+
+    `expected` maps ``"group/array"`` to values written by the test (the independent
+    reference). Returns how many arrays were compared.
+    """
+    ts = pytest.importorskip("tensorstore", reason="tensorstore is in the test extras")
+    seen = 0
+    for meta_path in store.rglob("zarr.json"):
+        meta = json.loads(meta_path.read_text())
+        if meta["node_type"] != "array" or meta["data_type"] == "string":
+            continue
+        folder = meta_path.parent
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder)}}
+        opened = ts.open(spec).result()
+        theirs = opened.read().result()
+        ours = zarr.open_array(str(folder), mode="r")[...]
+        np.testing.assert_array_equal(bits(theirs), bits(ours), err_msg=str(folder))
+        assert list(opened.domain.labels) == meta["dimension_names"]
+        key = folder.relative_to(store).as_posix()
+        if expected and key in expected:
+            np.testing.assert_array_equal(bits(theirs), bits(expected[key]), err_msg=key)
+        seen += 1
+    return seen

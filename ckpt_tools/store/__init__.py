@@ -9,6 +9,7 @@ from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
     FORMAT_VERSION,
+    Codec,
     StoreError,
     check_group_name,
     check_name,
@@ -34,6 +35,7 @@ from ckpt_tools.store.writer import HistoryWriter, consolidate, remove_partials
 __all__ = [
     "ATTRS_KEY",
     "CHUNK_STEPS",
+    "Codec",
     "FORMAT_VERSION",
     "GroupLock",
     "HASH_ARRAY",

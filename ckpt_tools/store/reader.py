@@ -18,6 +18,7 @@ from ckpt_tools.store.layout import (
     FORMAT_VERSION,
     StoreError,
     check_group_name,
+    codec_of,
 )
 from ckpt_tools.store.resume import RESUME_ARRAYS
 from ckpt_tools.store.safety import check_store
@@ -311,6 +312,7 @@ def _group_info(path: Path, name: str) -> dict:
         "raw_bytes": raw,
         "stored_bytes": stored,
         "ratio": stored / raw if raw else float("nan"),
+        "codec": codec_of(node["params"].metadata.to_dict().get("codecs", [])),
         "config": meta.get("config", {}),
         "warnings": history_warnings(node),
     }

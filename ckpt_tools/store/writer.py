@@ -2,7 +2,7 @@
 
 The schedule is known in advance, so every array is created at full length once (floats
 filled with NaN, never 0.0: a phantom row of zeros would read as real weights) and rows
-are written in place, whole chunks of `CHUNK_STEPS` checkpoints at a time. A row becomes
+are written in place, whole chunks of `chunk_steps` checkpoints at a time. A row becomes
 visible only when its `committed` flag is set, which happens after all of its arrays
 are written; every chunk and metadata file is replaced atomically (write, then rename).
 
@@ -32,11 +32,14 @@ from ckpt_tools.store.layout import (
     ATTRS_KEY,
     CHUNK_STEPS,
     FORMAT_VERSION,
-    PARAM_CHUNK,
+    SHARD_BYTES,
+    Codec,
     StoreError,
+    check_codec,
     check_group_name,
     check_name,
     lossless_compressor,
+    row_array_layout,
     time_major,
     to_json_safe,
 )
@@ -181,14 +184,40 @@ class HistoryWriter:
         root_attrs: Mapping,
         eval_steps: Sequence[int] = (),
         overwrite: bool = False,
+        codec: str = Codec.lz4,
+        chunk_steps: int = CHUNK_STEPS,
+        shard_bytes: int = SHARD_BYTES,
     ) -> HistoryWriter:
         """Create the group `name` with every array at full length.
 
+        Args:
+            path: The store; created when missing.
+            name: The group's path inside the store.
+            steps: The whole schedule (one row per step).
+            params: Table of the parameter tensors (the `param` axis).
+            buffers: Table of the buffer tensors (the `buffer` axis).
+            attrs: The group's ckpt_tools attributes (configuration, schedule, ...).
+            root_attrs: Provenance for the root, used when the store is new.
+            eval_steps: The evaluation schedule, if any.
+            overwrite: Replace an existing group of that name.
+            codec: ``"lz4"`` (default) or ``"none"`` for `params` and `buffers` (see
+                `Codec`; ``ckpt compact`` compresses ``none`` later).
+            chunk_steps: Checkpoints per chunk along `step` (rows the caller writes at once).
+            shard_bytes: Raw bytes of one shard at most (big models; see
+                `row_array_layout`).
+
         Raises:
-            StoreError: if the group exists and `overwrite` is false.
+            StoreError: if the group exists and `overwrite` is false, or `codec` is unknown.
         """
         check_group_name(name)
+        codec = check_codec(codec)
+        if not isinstance(chunk_steps, int) or chunk_steps < 1:
+            raise StoreError(f"chunk_steps must be a positive integer, not {chunk_steps!r}")
         root = open_root_for_writing(path, root_attrs)
+        # A store keeps the layout of the format it was created with, so readers of that
+        # format still read every group of it.
+        layout = {"codec": codec, "chunk_steps": chunk_steps, "shard_bytes": shard_bytes,
+                  "format_version": int(root.attrs[ATTRS_KEY]["format_version"])}
         exists_msg = (f"group '{name}' already exists in {path}; pass --overwrite to replace "
                       "it or --resume to continue it")
         if name in root and not overwrite:
@@ -204,7 +233,7 @@ class HistoryWriter:
                 "scalars": [],
                 "eval_metrics": [],
             })
-            cls._create_arrays(group, steps, params, buffers, eval_steps)
+            cls._create_arrays(group, steps, params, buffers, eval_steps, layout)
             consolidate(path)
             return cls(Path(path), group, lock)
         except BaseException:
@@ -244,6 +273,7 @@ class HistoryWriter:
         params: Sequence[TensorSpec],
         buffers: Sequence[TensorSpec],
         eval_steps: Sequence[int],
+        layout: Mapping,
     ) -> None:
         n_steps, n_layers = len(steps), len(params)
         n_params = sum(s.size for s in params)
@@ -257,14 +287,11 @@ class HistoryWriter:
             "committed", shape=(n_steps,), chunks=(n_steps,), dtype="bool", fill_value=False,
             dimension_names=("step",),
         )
-        p_chunk = min(max(n_params, 1), PARAM_CHUNK)
-        _float_array(
-            group, "params", (n_steps, n_params), (CHUNK_STEPS, p_chunk), ("step", "param")
-        )
-        b_chunk = min(max(n_buffers, 1), PARAM_CHUNK)
-        _float_array(
-            group, "buffers", (n_steps, n_buffers), (CHUNK_STEPS, b_chunk), ("step", "buffer")
-        )
+        for name, width, dim in (("params", n_params, "param"), ("buffers", n_buffers, "buffer")):
+            group.create_array(
+                name, shape=(n_steps, width), dtype="float32", fill_value=np.nan,
+                dimension_names=("step", dim), **row_array_layout(width, **layout),
+            )
         _float_array(
             group, "grad_norm", (n_steps, n_layers), (256, max(n_layers, 1)), ("step", "layer")
         )
