@@ -7,6 +7,9 @@ counts updates itself and deep-copies the state dict after each one.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +145,26 @@ def test_second_fit_into_the_same_group_needs_overwrite(tmp_path):
     _, ref = _fit(out, "0:16:5", overwrite=True, group="train")
     got = ckpt_tools.load_state_dict(out, 15)
     assert all(torch.equal(got[k], ref.states[15][k]) for k in got)
+
+
+def test_ddp_only_rank_zero_writes(tmp_path):
+    script = Path(__file__).with_name("ddp_lightning.py")
+    out = tmp_path / "ddp.zarr"
+    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = dict(line.split("=") for line in done.stdout.split() if line.startswith("rank"))
+    assert ranks == {"rank0": "True", "rank1": "False"}
+    # 64 examples over 2 ranks in batches of 4: 8 batches a rank, 4 updates an epoch.
+    states = torch.load(tmp_path / "rank1_states.pt", weights_only=True)
+    assert sorted(states) == list(range(9))
+    ds = ckpt_tools.open_history(out)
+    assert ds.step.values.tolist() == [0, 3, 6, 8]
+    # DDP keeps the parameters identical on both ranks, so rank 1's copies are rank 0's;
+    # BatchNorm's running statistics are each rank's own (DDP broadcasts rank 0's at forward).
+    for step in ds.step.values.tolist():
+        got = ckpt_tools.load_state_dict(out, step)
+        assert set(got) == set(states[step])
+        for name, tensor in states[step].items():
+            if "running" not in name:
+                assert torch.equal(got[name], tensor), (step, name)

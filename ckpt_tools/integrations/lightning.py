@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from ckpt_tools.recorder import Recorder
 from ckpt_tools.schedule import Schedule
@@ -98,6 +99,12 @@ class RecorderCallback(pl.Callback):
     # -- set-up and tear-down -----------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Open the recorder on the module being trained and record the starting step."""
+        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+            # Their parameters are flat shards the Recorder cannot map to tensors.
+            raise ValueError(
+                f"RecorderCallback cannot record under {type(trainer.strategy).__name__}; "
+                "use strategy='ddp' or ModelParallelStrategy (FSDP2, fully_shard)"
+            )
         final = _final_step(trainer)
         schedule = _resolve(self.schedule, final)
         evals = self.eval_schedule
