@@ -25,7 +25,7 @@ import torch
 
 from ckpt_tools.data import ImageData
 
-__all__ = ["batch_for_step", "batches_per_epoch", "normalize", "test_batches"]
+__all__ = ["batch_for_step", "batch_indices", "batches_per_epoch", "normalize", "test_batches"]
 
 PAD = 4  # pixels of zero padding before the random crop
 
@@ -66,15 +66,35 @@ def batch_for_step(
     if step < 1:
         raise ValueError(f"step is 1-based (the batch of the first update is step 1), got {step}")
     x_all, y_all = (data.x_train, data.y_train) if train else (data.x_test, data.y_test)
-    split = "train" if train else "test"
-    epoch, position = divmod(step - 1, _full_batches(len(y_all), batch_size, data.name))
-    order = _epoch_order(seed, split, epoch, len(y_all))
-    index = order[position * batch_size : (position + 1) * batch_size]
+    index = batch_indices(data, step, batch_size=batch_size, seed=seed, train=train)
     x, y = x_all[index], y_all[index]
     if train and data.augment:
         generator = torch.Generator().manual_seed(_stream_seed("augment", seed, step))
         x = _crop_and_flip(x, generator)
     return normalize(data, x, device=device), _to(y, device)
+
+
+def batch_indices(
+    data: ImageData, step: int, *, batch_size: int, seed: int, train: bool = True
+) -> torch.Tensor:
+    """Which examples make up the mini-batch of optimizer update ``step``.
+
+    Args:
+        data: the dataset.
+        step: 1-based update number.
+        batch_size: images per batch.
+        seed: data-order seed of the run.
+        train: indices into the training split (False: the test split).
+
+    Returns:
+        int64 (batch_size,): positions in ``data.x_train`` (or ``x_test``), in batch order.
+    """
+    if step < 1:
+        raise ValueError(f"step is 1-based (the batch of the first update is step 1), got {step}")
+    n = len(data.y_train if train else data.y_test)
+    epoch, position = divmod(step - 1, _full_batches(n, batch_size, data.name))
+    order = _epoch_order(seed, "train" if train else "test", epoch, n)
+    return order[position * batch_size : (position + 1) * batch_size]
 
 
 def test_batches(

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from ckpt_tools import batches as batches_module
 from ckpt_tools import data as data_module
-from ckpt_tools.batches import batch_for_step, batches_per_epoch, normalize, test_batches
+from ckpt_tools.batches import (
+    batch_for_step,
+    batch_indices,
+    batches_per_epoch,
+    normalize,
+    test_batches,
+)
 from ckpt_tools.data import DATASET_NAMES, ImageData, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +135,19 @@ def test_batches_depend_only_on_seed_and_step():
     x, y = forward[5]
     expected = reference_normalize(dataset.x_train[y], dataset.mean, dataset.std)
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_indices_name_the_examples_of_each_batch():
+    # In `indexed`, an image's label is its index: the ids must be the batch's labels.
+    for train, n in ((True, 100), (False, 30)):
+        dataset = indexed(100, n_test=30, augment=True)
+        for step in (1, 5, 9, 10, 23):
+            ids = batch_indices(dataset, step, batch_size=11, seed=3, train=train)
+            _, y = batch_for_step(dataset, step, batch_size=11, seed=3, train=train)
+            assert ids.dtype == torch.int64 and torch.equal(ids, y), (train, step)
+            assert ids.max() < n
+    with pytest.raises(ValueError, match="1-based"):
+        batch_indices(indexed(10), 0, batch_size=2, seed=0)
 
 
 def test_test_split_batches_are_not_augmented():
