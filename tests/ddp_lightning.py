@@ -53,7 +53,8 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen))
+    data = TensorDataset(torch.randn(64, 6, generator=gen),
+                         torch.randint(0, 3, (64,), generator=gen))
     recorder = RecorderCallback(out, "0:20:3")
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, accumulate_grad_batches=2,
