@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 __all__ = ["import_series"]
 
@@ -23,6 +24,7 @@ def import_series(
     step_regex: Annotated[str | None, typer.Option(help="Regular expression whose first group is the step in a source's name, for sources whose metadata has none (default: the name's last number).")] = None,  # noqa: E501
     schedule: Annotated[str | None, typer.Option(help="The schedule the series was saved on (text form or preset, e.g. pythia): missing steps are reported as gaps.")] = None,  # noqa: E501
     overwrite: Annotated[bool, typer.Option(help="Replace an existing group of the same name.")] = False,  # noqa: E501
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Import a series of existing checkpoints into a history group, bit for bit.
 
@@ -41,8 +43,13 @@ def import_series(
         os.environ["HF_HUB_OFFLINE"] = "1"
         names = [r.strip() for r in (revisions or "").split(",") if r.strip()]
         checkpoints += hub_checkpoints(hf_repo, names, cache_dir=hf_cache)
-    report = import_checkpoints(out, checkpoints, group=group, step_regex=step_regex,
-                                schedule=schedule, overwrite=overwrite)
+    with Progress(TextColumn("[bold]importing[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=True, disable=quiet) as bar:
+        task = bar.add_task("import", total=len(checkpoints))
+        report = import_checkpoints(
+            out, checkpoints, group=group, step_regex=step_regex, schedule=schedule,
+            overwrite=overwrite, progress=lambda done: bar.update(task, completed=done),
+        )
     for line in report.notes:
         typer.secho(f"note: {line}", err=True, fg="yellow")
     for line in report.warnings:

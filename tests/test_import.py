@@ -84,6 +84,7 @@ def hf_run(tmp_path_factory):
         model.save_pretrained(folder, max_shard_size="8KB")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         refs[step] = _state(model)
+    model.save_pretrained(root)  # the final model beside its checkpoints, as Trainer saves it
     assert (root / "checkpoint-0" / "model.safetensors.index.json").is_file()
     saved = set(json.loads((root / "checkpoint-0" / "model.safetensors.index.json")
                            .read_text())["weight_map"])
@@ -239,12 +240,13 @@ def test_lightning_checkpoints(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
     capture = Capture()
     saver = lightning.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1,
-                                                save_top_k=-1)
+                                                save_top_k=-1, save_last=True)
     trainer = lightning.Trainer(max_steps=4, callbacks=[capture, saver], logger=False,
                                 enable_progress_bar=False, enable_model_summary=False,
                                 accelerator="cpu")
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
     out = tmp_path / "run.zarr"
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file()  # a copy, left out of the series
     result = runner.invoke(app, ["import", str(tmp_path / "ckpts"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert_rows_match(out, capture.refs)

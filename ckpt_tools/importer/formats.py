@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ __all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "find_checkpoints", "f
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+_TRAINER_FOLDER = re.compile(r"checkpoint-\d+")
+_LAST = re.compile(r"last(-v\d+)?\.ckpt")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _STEP_KEYS = ("global_step", "step")
 _SAFETENSORS_DTYPES = {
@@ -151,11 +154,35 @@ def _file_checkpoint(path: Path) -> Checkpoint | None:
     return None
 
 
+def _folder_checkpoints(source: Path) -> list[Checkpoint]:
+    children = sorted(source.iterdir())
+    # A Trainer's output folder may also hold the final model: its checkpoint-N/ folders
+    # are the series.
+    series = [c for p in children if p.is_dir() and _TRAINER_FOLDER.fullmatch(p.name)
+              and (c := folder_checkpoint(p, name=p.name, label=str(p))) is not None]
+    if series:
+        return series
+    ckpt = folder_checkpoint(source, name=source.name, label=str(source))
+    if ckpt is not None:
+        return [ckpt]
+    # Lightning's last.ckpt repeats the newest checkpoint under another name.
+    inside = [c for p in children if not _LAST.fullmatch(p.name)
+              and (c := folder_checkpoint(p, name=p.name, label=str(p)) if p.is_dir()
+                   else _file_checkpoint(p)) is not None]
+    if not inside:
+        raise CheckpointError(f"{source} holds no checkpoint ckpt import reads (files "
+                              f"{', '.join(TORCH_SUFFIXES)}, .safetensors, or folders "
+                              f"with {' or '.join(WEIGHT_FILES)})")
+    return inside
+
+
 def find_checkpoints(sources: list[Path]) -> list[Checkpoint]:
     """The checkpoints named by `sources`: files, checkpoint folders, or folders of them.
 
-    A folder that is not itself a checkpoint stands for the checkpoints directly inside
-    it (e.g. a Trainer's output folder of ``checkpoint-N/`` folders).
+    A folder holding ``checkpoint-N/`` folders (a Trainer's output folder) stands for
+    them; a folder that is neither that nor a checkpoint itself stands for the
+    checkpoints directly inside it, except Lightning's ``last.ckpt`` (a copy of the
+    newest).
 
     Raises:
         CheckpointError: a source is missing or holds no checkpoint of a known format.
@@ -168,18 +195,7 @@ def find_checkpoints(sources: list[Path]) -> list[Checkpoint]:
         if not source.exists():
             raise CheckpointError(f"{source} does not exist")
         if source.is_dir():
-            ckpt = folder_checkpoint(source, name=source.name, label=str(source))
-            if ckpt is not None:
-                found.append(ckpt)
-                continue
-            inside = [c for c in (folder_checkpoint(p, name=p.name, label=str(p)) if p.is_dir()
-                                  else _file_checkpoint(p) for p in sorted(source.iterdir()))
-                      if c is not None]
-            if not inside:
-                raise CheckpointError(f"{source} holds no checkpoint ckpt import reads (files "
-                                      f"{', '.join(TORCH_SUFFIXES)}, .safetensors, or folders "
-                                      f"with {' or '.join(WEIGHT_FILES)})")
-            found.extend(inside)
+            found.extend(_folder_checkpoints(source))
             continue
         ckpt = _file_checkpoint(source)
         if ckpt is None:
