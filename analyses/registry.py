@@ -1,8 +1,11 @@
 """The registry of analyses that ``ckpt analyze`` runs: name -> module.
 
 An analysis is one module with a pure ``compute(history, **options) -> xarray.Dataset``
-and, optionally, ``chart(result) -> altair.Chart``. Adding one is one line in
-`ANALYSES`. Modules are imported when first used, so listing names costs nothing.
+and, optionally, the drawing hooks ``chart(result) -> altair.Chart`` (one result) and
+``figures(results, **options) -> {name: chart}`` (several runs' results, ``{run name:
+result}``). The report draws every stored result through these hooks (`figures`).
+Adding an analysis is one line in `ANALYSES`. Modules are imported when first used, so
+listing names costs nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ckpt_tools.analyses._history import NotApplicable
 from ckpt_tools.api import open_history
 from ckpt_tools.store import write_result
 
-__all__ = ["ANALYSES", "NotApplicable", "chart", "get", "names", "run"]
+__all__ = ["ANALYSES", "NotApplicable", "chart", "figures", "get", "names", "run"]
 
 ANALYSES: dict[str, str] = {
     "telemetry": "ckpt_tools.analyses.telemetry",
@@ -47,6 +50,24 @@ def chart(name: str, result: xr.Dataset):
     """The analysis' own chart of `result`, or None when it defines none."""
     draw = getattr(get(name), "chart", None)
     return draw(result) if draw is not None else None
+
+
+def figures(name: str, results: Mapping[str, xr.Dataset], **options) -> dict:
+    """Named charts of the analysis `name` for several runs' results (``{run: result}``).
+
+    The module's ``figures(results, **options)`` when it defines one; else its
+    ``chart(result)`` for each run (named by the run); else no charts.
+    """
+    module = get(name)
+    if not results:
+        return {}
+    draw = getattr(module, "figures", None)
+    if draw is not None:
+        return draw(results, **options)
+    if getattr(module, "chart", None) is None:
+        return {}
+    return {(name if len(results) == 1 else f"{name}-{run}"): module.chart(result)
+            for run, result in results.items()}
 
 
 def run(

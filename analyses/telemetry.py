@@ -15,7 +15,7 @@ from ckpt_tools.analyses._history import History, as_history, param_table, selec
 
 from ckpt_tools.store import ATTRS_KEY, CHUNK_STEPS
 
-__all__ = ["BY_LAYER", "VARIABLES", "chart", "compute"]
+__all__ = ["BY_LAYER", "VARIABLES", "chart", "compute", "figures"]
 
 _PARAM_CHUNK = 1 << 18  # storage chunk width along `param` (used when params are in memory)
 
@@ -181,3 +181,14 @@ def chart(result: xr.Dataset):
         charts.chart_sign_flips_per_step(result), charts.chart_distance_per_step(result),
     ]
     return alt.vconcat(*(alt.hconcat(*panels[i:i + 2]) for i in range(0, len(panels), 2)))
+
+
+def figures(results, *, layers: bool = False) -> dict:
+    """The report's telemetry figures of several runs (``{run name: result}``).
+
+    Whole-network panels, or with `layers` one ``<name>-by-layer`` figure per per-layer
+    variable (`ckpt_tools.analyses.report.charts`).
+    """
+    from ckpt_tools.analyses.report import charts
+
+    return charts.layer_figures(results) if layers else charts.telemetry_figures(results)

@@ -14,7 +14,7 @@ from ckpt_tools.analyses.experiments.ablate import ablation_group, read_ablation
 from ckpt_tools.analyses.experiments.imp import read_summary
 from ckpt_tools.analyses.experiments.perturb import ABLATIONS, Start
 from ckpt_tools.analyses.experiments.pruning import param_table, read_mask
-from ckpt_tools.analyses.report import ablation_charts
+from ckpt_tools.analyses.report import ablation_charts, gather_experiments, sections
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
@@ -325,7 +325,8 @@ def test_ablate_refuses_an_unrun_rewind_and_unknown_kind(imp_store):
 
 
 def test_report_section_draws_the_stored_ablations(ablated):
-    figures = ablation_charts.ablation_section([SimpleNamespace(path=ablated, name="tiny")])
+    run = SimpleNamespace(name="tiny", experiments=gather_experiments(ablated))
+    figures = sections.ablation_section([run])
     assert set(figures) == {"noise"}  # rewinding alone draws no sign/magnitude panel
     rows = drawn_rows(figures["noise"].to_dict())
     summary = read_ablation_summary(ablated).sel(rewind_step=K, level=1, seed=0)

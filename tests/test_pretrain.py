@@ -17,7 +17,7 @@ from ckpt_tools.analyses.experiments.pruning import (
     prune,
     write_mask,
 )
-from ckpt_tools.analyses.report import ablation_charts
+from ckpt_tools.analyses.report import gather_experiments, sections
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
@@ -218,7 +218,8 @@ def test_pretrain_rotation_cli_then_imp_from_the_pretrained_weights(tiny_copy):
     assert cell.test_accuracy.sel(level=0) == final_eval(tiny_copy, _group("rotation", "level_0"))[
         "test_accuracy"]
     assert config.steps in open_history(tiny_copy, _group("rotation", "level_1")).step.values
-    figures = ablation_charts.pretraining_section([SimpleNamespace(path=tiny_copy, name="t")])
+    run = SimpleNamespace(name="t", experiments=gather_experiments(tiny_copy))
+    figures = sections.pretraining_section([run])
     drawn = drawn_rows(figures["pretraining"].to_dict())
     assert {(r["level"], r["mean"]) for r in drawn} == {
         (level, float(cell.test_accuracy.sel(level=level))) for level in (0, 1)}

@@ -135,6 +135,37 @@ def test_other_stored_analyses_are_drawn_with_their_own_chart(tiny_copy, monkeyp
     assert figure_names(report)["Other analyses"] == {"custom"}
 
 
+def test_the_report_draws_through_the_registered_figures_hooks(tiny_copy, monkeypatch):
+    import types
+
+    import altair as alt
+    import xarray as xr
+    from ckpt_tools.analyses import registry
+
+    from ckpt_tools.store import write_result
+
+    seen = []
+
+    def figures(results):
+        seen.append(dict(results))
+        return {f"custom-{run}": alt.Chart(alt.InlineData(values=[{"x": 1}])).mark_point()
+                for run in results}
+
+    module = types.ModuleType("custom_figures")
+    module.compute = lambda history: xr.Dataset({"x": ("step", [1.0, 2.0])})
+    module.figures = figures
+    monkeypatch.setitem(sys.modules, "custom_figures", module)
+    monkeypatch.setitem(registry.ANALYSES, "custom", "custom_figures")
+    write_result(tiny_copy, "custom", module.compute(None))
+    runs = load_runs([tiny_copy])
+    report = build_report(runs)
+    assert figure_names(report)["Other analyses"] == {"custom-tiny"}
+    (results,) = seen
+    assert list(results) == ["tiny"] and results["tiny"]["x"].values.tolist() == [1.0, 2.0]
+    telemetry_hook = registry.figures("telemetry", {"tiny": runs[0].telemetry})
+    assert set(telemetry_hook) == figure_names(report)["Telemetry"]
+
+
 def test_page_is_self_contained(two_page):
     text = two_page.read_text()
     assert not re.search(r"<script[^>]*\bsrc=", text, re.IGNORECASE)

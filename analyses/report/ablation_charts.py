@@ -4,8 +4,7 @@ Every ``chart_*`` function takes a summary already reduced over seeds by
 `ckpt_tools.analyses.stats.summarize` (a ``statistic`` dimension holding ``mean``,
 ``low``, ``high``: the mean and its bootstrap interval) and draws the mean as points and
 lines and the interval as error bars. Inputs are only read. `figures` turns the reduced
-summaries of one store into named figures; `ablation_section` and `pretraining_section`,
-the report's sections, read each store's stored summaries and reduce them over seeds.
+summaries of one store into named figures.
 """
 
 from __future__ import annotations
@@ -20,12 +19,10 @@ from ckpt_tools.analyses.report._chartdata import json_value
 __all__ = [
     "PERMUTATION_KINDS",
     "SIGN_MAGNITUDE_KINDS",
-    "ablation_section",
     "chart_ablation_panel",
     "chart_noise",
     "chart_pretraining",
     "figures",
-    "pretraining_section",
 ]
 
 SIGN_MAGNITUDE_KINDS = (
@@ -219,39 +216,3 @@ def figures(ablations: xr.Dataset | None, pretraining: xr.Dataset | None,
     if pretraining is not None and np.isfinite(pretraining["test_accuracy"].values).any():
         out["pretraining"] = chart_pretraining(pretraining, references=imp)
     return out
-
-
-def _reduced(path, name: str) -> xr.Dataset | None:
-    from ckpt_tools.analyses.stats import summarize
-
-    from ckpt_tools.store import StoreError, read_result
-
-    try:
-        ds = read_result(path, name)
-    except StoreError:
-        return None
-    return summarize(ds, "seed", n_resamples=2000)
-
-
-def _section(runs, parts: str) -> dict[str, alt.TopLevelMixin]:
-    paths = list(dict.fromkeys(r.path for r in runs))
-    names = {r.path: r.name for r in runs}
-    out = {}
-    for path in paths:
-        ablations = _reduced(path, "ablate_summary") if parts == "ablate" else None
-        pretraining = _reduced(path, "pretrain_summary") if parts == "pretrain" else None
-        if ablations is None and pretraining is None:
-            continue
-        for name, chart in figures(ablations, pretraining, _reduced(path, "imp_summary")).items():
-            out[name if len(paths) == 1 else f"{name}-{names[path]}"] = chart
-    return out
-
-
-def ablation_section(runs) -> dict[str, alt.TopLevelMixin]:
-    """Figures of the ablations stored in the report's stores (``ckpt ablate``); {} if none."""
-    return _section(runs, "ablate")
-
-
-def pretraining_section(runs) -> dict[str, alt.TopLevelMixin]:
-    """Figures of the pre-training experiments stored in the report's stores; {} if none."""
-    return _section(runs, "pretrain")

@@ -7,11 +7,14 @@ with ``log_steps=True``: a log axis cannot show step 0 (the initialisation), so 
 ``step + 1`` and says so in the axis title. Series longer than ``max_points`` steps are
 thinned to that many evenly spaced recorded steps (first and last kept), so an embedded
 chart stays small.
+
+`training_figures`, `telemetry_figures` and `layer_figures` draw every panel their data
+allows, each on a linear and a logarithmic step axis, as named figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import altair as alt
 import xarray as xr
@@ -28,6 +31,7 @@ from ckpt_tools.analyses.report._chartdata import (
 
 __all__ = [
     "LAYER_AXES",
+    "TELEMETRY_PANELS",
     "MAX_POINTS",
     "STEP_TITLE",
     "chart_accuracy",
@@ -42,6 +46,9 @@ __all__ = [
     "chart_sign_changes",
     "chart_sign_flips_per_step",
     "chart_weight_traces",
+    "layer_figures",
+    "telemetry_figures",
+    "training_figures",
 ]
 
 def chart_metric(
@@ -324,3 +331,70 @@ def chart_by_layer(
         return chart.properties(width=WIDTH * 2 // 3).facet(
             column=alt.Column("run:N", title=None), title=title).resolve_scale(x="independent")
     return chart
+
+
+def _both(make: Callable[..., alt.TopLevelMixin], data, *, stack: bool = False):
+    """The same panel on a linear and on a logarithmic step axis, side by side."""
+    pair = (make(data, log_steps=False), make(data, log_steps=True))
+    return alt.vconcat(*pair) if stack else alt.hconcat(*pair)
+
+
+def training_figures(
+    histories: Mapping[str, xr.Dataset], evaluations: Mapping[str, xr.Dataset]
+) -> dict[str, alt.TopLevelMixin]:
+    """``loss`` and ``accuracy`` of the runs' histories, with their post-hoc evaluations.
+
+    Args:
+        histories: ``{run name: history}``.
+        evaluations: ``{run name: stored evaluation}`` for the runs that have one.
+    """
+    figures = {}
+    if any("loss" in h or "test_loss" in h for h in histories.values()):
+        figures["loss"] = _both(
+            lambda d, log_steps: chart_loss(d, evaluations=evaluations, log_steps=log_steps),
+            histories)
+    if any("test_accuracy" in h for h in histories.values()) or any(
+            "test_accuracy" in e for e in evaluations.values()):
+        figures["accuracy"] = _both(
+            lambda d, log_steps: chart_accuracy(d, evaluations=evaluations,
+                                                log_steps=log_steps), histories)
+    return figures
+
+
+TELEMETRY_PANELS = {  # figure name: (chart, variables it needs)
+    "weight-magnitude": (chart_mean_abs_weight, ("mean_abs_weight",)),
+    "sign-changes": (chart_sign_changes, ("sign_change_fraction",)),
+    "weight-traces": (chart_weight_traces, ("weight_trace",)),
+    "gradient-norm": (chart_grad_norm, ("grad_norm",)),
+    "l2-distance": (chart_distance, ("l2_to_init", "l2_to_final")),
+    "cosine-similarity": (chart_cosine, ("cosine_to_init", "cosine_to_final")),
+    "sign-flips-per-step": (chart_sign_flips_per_step, ("sign_flips_per_step",)),
+    "distance-per-step": (chart_distance_per_step, ("distance_per_step",)),
+}
+
+
+def _having(telemetry: Mapping[str, xr.Dataset], *needed: str) -> dict[str, xr.Dataset]:
+    return {name: t for name, t in telemetry.items() if all(v in t for v in needed)}
+
+
+def telemetry_figures(telemetry: Mapping[str, xr.Dataset]) -> dict[str, alt.TopLevelMixin]:
+    """Every whole-network telemetry panel that some run's telemetry holds."""
+    figures = {}
+    for name, (make, needed) in TELEMETRY_PANELS.items():
+        data = _having(telemetry, *needed)
+        if data:
+            figures[name] = _both(make, data)
+    return figures
+
+
+def layer_figures(telemetry: Mapping[str, xr.Dataset]) -> dict[str, alt.TopLevelMixin]:
+    """One ``<name>-by-layer`` figure per ``<name>_by_layer`` telemetry variable."""
+    variables = list(dict.fromkeys(
+        v for t in telemetry.values() for v in t.data_vars if str(v).endswith("_by_layer")))
+    figures = {}
+    for var in variables:
+        data = _having(telemetry, var)
+        figures[var.removesuffix("_by_layer").replace("_", "-") + "-by-layer"] = _both(
+            lambda d, log_steps, v=var: chart_by_layer(d, v, log_steps=log_steps),
+            data, stack=len(data) > 1)
+    return figures

@@ -3,32 +3,24 @@
 The ``chart_*`` functions take results already reduced over seeds (IMP) or seed pairs
 (instability) by `ckpt_tools.analyses.stats.summarize`: a ``statistic`` dimension holding
 ``mean``, ``low`` and ``high`` (the mean and its bootstrap 95% interval), drawn as lines
-with points and error bars. `imp_section` and `instability_section` are the report's
-sections: they read each store's stored results and reduce them. Inputs are only read.
+with points and error bars. Inputs are only read; `ckpt_tools.analyses.report.read`
+loads and reduces the stored results.
 """
 
 from __future__ import annotations
-
-import re
 
 import altair as alt
 import numpy as np
 import xarray as xr
 from ckpt_tools.analyses.report._chartdata import json_value
 
-from ckpt_tools.store import StoreError, list_results, read_result
-
 __all__ = [
     "chart_imp",
     "chart_instability",
     "chart_interpolation",
-    "imp_section",
-    "instability_section",
 ]
 
 WIDTH, HEIGHT = 360, 240
-_RESAMPLES = 2000
-_INSTABILITY_RE = re.compile(r"^instability(?:_level_(\d+))?_summary$")
 
 
 def _rows(reduced: xr.Dataset, var: str, extra: dict[str, xr.DataArray]) -> list[dict]:
@@ -95,45 +87,3 @@ def chart_interpolation(reduced: xr.Dataset, *, title: str = "Instability") -> a
     x = alt.X("alpha:Q", title="interpolation alpha (0: copy A, 1: copy B)")
     return _with_bars(rows, x, "test error", "rewind_step",
                       f"{title}: test error along the linear path")
-
-
-def _summarize(ds: xr.Dataset, dim: str) -> xr.Dataset:
-    from ckpt_tools.analyses.stats import summarize
-
-    return summarize(ds, dim, n_resamples=_RESAMPLES)
-
-
-def imp_section(runs) -> dict[str, alt.TopLevelMixin]:
-    """The IMP figure of every store that holds ``analyses/imp_summary``; {} if none."""
-    paths = list(dict.fromkeys(r.path for r in runs))
-    names = {r.path: r.name for r in runs}
-    out = {}
-    for path in paths:
-        try:
-            summary = read_result(path, "imp_summary")
-        except StoreError:
-            continue
-        chart = chart_imp(_summarize(summary, "seed"),
-                          dense_accuracy=summary.attrs.get("dense_test_accuracy"))
-        out["imp" if len(paths) == 1 else f"imp-{names[path]}"] = chart
-    return out
-
-
-def instability_section(runs) -> dict[str, alt.TopLevelMixin]:
-    """Barrier vs k and error along the path for every stored instability result."""
-    paths = list(dict.fromkeys(r.path for r in runs))
-    names = {r.path: r.name for r in runs}
-    out = {}
-    for path in paths:
-        for found in list_results(path):
-            match = _INSTABILITY_RE.match(str(found["analysis"]))
-            if match is None or found["group"] != "train":
-                continue
-            level = match.group(1)
-            label = "dense network" if level is None else f"IMP level {level} sub-network"
-            reduced = _summarize(read_result(path, found["analysis"]), "pair")
-            suffix = ("" if level is None else f"-level-{level}") + (
-                "" if len(paths) == 1 else f"-{names[path]}")
-            out[f"instability{suffix}"] = chart_instability(reduced, title=label)
-            out[f"interpolation{suffix}"] = chart_interpolation(reduced, title=label)
-    return out
