@@ -3,7 +3,7 @@
     python bench/resume_cost.py [--model resnet20] [--repeats 20]
 
 Builds the model on the embedded digits, takes a few SGD steps (so momentum exists),
-then times `train_state.capture` (paid by the training loop) and
+then times `resume.capture` (paid by the training loop) and
 `HistoryWriter.save_resume_point` (paid by the background writer), and reports the
 resume state's size in checkpoints' worth of raw float32.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from ckpt_tools import batches
+from ckpt_tools.resume import capture
 from ckpt_tools.store import HistoryWriter
 from ckpt_tools.tensors import buffer_specs, param_specs
 from ckpt_tools.train import TrainConfig, build
-from ckpt_tools.train_state import capture
 
 
 def _du(path: Path) -> int:

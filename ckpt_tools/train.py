@@ -1,5 +1,9 @@
 """The built-in training loop: SGD with step decay, recorded by a `Recorder`.
 
+`train` runs the optimisation and calls hooks at fixed points (`ckpt_tools.hooks`):
+recording, masks and progress are hooks; pretext tasks are a `Task`; resume points and
+signals are `ckpt_tools.resume.ResumePoints`.
+
 Every source of randomness is a pure function of the configuration: the model is built
 right after `torch.manual_seed(config.seed)`, and the batch of update `s` is drawn by
 `batch_for_step(data, s, seed=config.data_seed)`. So a run can be rewound to any stored
@@ -10,9 +14,8 @@ rewinding), and resumed exactly after a crash.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,15 @@ from torch import nn
 
 from ckpt_tools import batches, models
 from ckpt_tools import data as datasets
+from ckpt_tools.config import TrainConfig
+from ckpt_tools.hooks import Hook, LoopState, Mask, Progress, Recording
 from ckpt_tools.recorder import Recorder
+from ckpt_tools.resume import ResumePoints, capture, match_threads, restore
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import check_state_dict, read_group_meta, read_resume_point
-from ckpt_tools.train_state import StopOnSignal, capture, restore
+from ckpt_tools.store import check_state_dict, read_resume_point
 
 __all__ = [
+    "Hook",
     "Task",
     "TrainConfig",
     "TrainResult",
@@ -37,68 +43,6 @@ __all__ = [
     "train",
     "with_overrides",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a training run (stored in the store's attributes).
-
-    The defaults follow the paper's ResNet-20 recipe (SGD, momentum 0.9, lr 0.1 dropped
-    10x at 50% and 75% of training, weight decay 1e-4, batch 128), scaled down to the
-    embedded digits dataset.
-    """
-
-    model: str = "resnet20"
-    dataset: str = "digits"
-    data_root: str | None = None
-    width: int | None = None  # model width (channels of the first stage); None: default
-    steps: int = 1000  # optimizer updates
-    batch_size: int = 128  # examples per update
-    lr: float = 0.1  # peak learning rate (no scaling with batch size)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `steps` where lr drops
-    lr_gamma: float = 0.1  # factor applied at each milestone
-    warmup_steps: int = 0  # linear warm-up from 0 over these many updates
-    seed: int = 0  # model initialisation
-    data_seed: int | None = None  # data order and augmentation; None: same as `seed`
-    schedule: str = "dense-early"  # checkpoint schedule (text form or preset)
-    eval_schedule: str | None = None  # None: 20 evenly spaced evaluations and the last
-    eval_batch_size: int = 128  # examples per evaluation batch (128 is fastest on CPU)
-    device: str = "cpu"
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
-
-    @property
-    def order_seed(self) -> int:
-        """The seed of the data order and augmentation."""
-        return self.seed if self.data_seed is None else self.data_seed
-
-    def checkpoint_schedule(self) -> Schedule:
-        """The checkpoint schedule, clipped to `steps` and holding 0 and `steps`."""
-        return Schedule.parse(self.schedule, final=self.steps)
-
-    def evaluation_schedule(self) -> Schedule:
-        """The evaluation schedule, clipped to `steps` and holding 0 and `steps`."""
-        text = self.eval_schedule or f"0:{self.steps}:{max(1, self.steps // 20)}"
-        return Schedule.parse(text, final=self.steps)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (stored as the run's config)."""
-        return {**asdict(self), "lr_milestones": list(self.lr_milestones)}
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> TrainConfig:
-        """Inverse of `to_dict`; unknown keys are ignored."""
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -177,24 +121,6 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
 
 
-def _apply_mask(model: nn.Module, mask: Mapping[str, torch.Tensor], *, grads: bool) -> None:
-    named = dict(model.named_parameters())
-    for name, m in mask.items():
-        p = named[name]
-        if grads:
-            if p.grad is not None:
-                p.grad.mul_(m)
-        else:
-            p.data.mul_(m)
-
-
-def _same_threads(meta: Mapping) -> None:
-    # CPU reductions split their work by thread: the count changes the last bits.
-    threads = meta.get("torch_threads")
-    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-
-
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -211,6 +137,7 @@ def train(
     resume: bool = False,
     resume_interval: float | None = 30.0,
     codec: str = "lz4",
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Train `config` and record it into the group `group` of the store `out`.
 
@@ -222,10 +149,12 @@ def train(
         init: A `state_dict` to start from (e.g. the stored weights at step k).
         start_step: The step `init` belongs to; training continues from it with the
             learning rate and data order of an uninterrupted run, and a fresh optimizer.
-        mask: Per-parameter 0/1 arrays; masked weights are zero and stay exactly zero.
+        mask: Per-parameter 0/1 arrays; masked weights are zero and stay exactly zero
+            (shorthand for the hook ``Mask(mask)``, which runs first).
         schedule: Checkpoint schedule (default: `config.checkpoint_schedule()`).
         extra_attrs: Extra JSON-able attributes stored with the group (e.g. IMP level).
-        on_step: Called as `on_step(step, loss)` after each update (progress bars).
+        on_step: Called as `on_step(step, loss)` after each update (shorthand for the
+            hook ``Progress(on_step)``, which runs last).
         task: Train on another objective (see `Task`); evaluation uses it too.
         resume: Continue the existing group `group` from its latest resume point (from
             its start if it has none), bit for bit as if never interrupted. Pass the same
@@ -234,6 +163,8 @@ def train(
             none, except when stopped by a signal).
         codec: How the recorded chunks are stored (``"lz4"`` or ``"none"``; see
             `Recorder`).
+        hooks: More hooks (`ckpt_tools.hooks.Hook`), called in order after the mask's
+            and before the recording's (what they change in the model is recorded).
 
     Ctrl-C (SIGINT) or SIGTERM stops the loop at the next step boundary, with a resume
     point there.
@@ -247,85 +178,89 @@ def train(
     """
     device = torch.device(config.device)
     if resume:
-        _same_threads(read_group_meta(out, group))
+        match_threads(out, group)
     model, data = build(config, task=task)
-    transform = task.transform if task is not None else None
     if init is not None:
         check_state_dict(init, model)
         model.load_state_dict(init)
-    masks = None
-    if mask is not None:
-        masks = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device)
-                 for k, v in mask.items()}
-        _apply_mask(model, masks, grads=False)
     model.train()
     opt = torch.optim.SGD(
         model.parameters(), lr=lr_at(config, start_step + 1), momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
-    sched = schedule or config.checkpoint_schedule()
     evals = config.evaluation_schedule()
     attrs = {**config.to_dict(), **dict(extra_attrs or {}), "start_step": start_step}
-    result = TrainResult(Path(out), group, start_step)
-    with StopOnSignal() as stop, Recorder(
-        out, model, sched, group=group, config=attrs, optimizer=opt,
-        eval_schedule=evals, overwrite=overwrite, resume=resume, codec=codec,
+    state = LoopState(config, model, opt, data, Path(out), group, start_step, step=start_step)
+    with ResumePoints(resume_interval) as points, Recorder(
+        out, model, schedule or config.checkpoint_schedule(), group=group, config=attrs,
+        optimizer=opt, eval_schedule=evals, overwrite=overwrite, resume=resume, codec=codec,
     ) as rec:
+        # Hooks that change the model run before the recording, so it stores their effect.
+        run_hooks = [*([Mask(mask)] if mask is not None else []), *hooks, Recording(rec),
+                     *([Progress(on_step)] if on_step is not None else [])]
         point = read_resume_point(out, group) if resume else None
-        if point is None:
-            rec.record(start_step)
-            if start_step in evals:
-                rec.log_eval(start_step, **evaluate(
-                    model, data, batch_size=config.eval_batch_size, device=device,
-                    transform=transform))
-        else:
+        if point is not None:
             restore(point, model, opt)
-            result.last_step = point.step
-            result.final_eval = dict(point.info.get("last_eval") or {})
-        next_point = time.monotonic() + (resume_interval or 0.0)
-        for step in range(result.last_step + 1, config.steps + 1):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(config, step)
-            x, y = batches.batch_for_step(
-                data, step, batch_size=config.batch_size, seed=config.order_seed, device=device
+            state.resumed, state.step = True, point.step
+            state.last_eval = dict(point.info.get("last_eval") or {})
+        for hook in run_hooks:
+            hook.on_start(state)
+        if point is None and start_step in evals:
+            metrics = _evaluate(state, task, device)
+            for hook in run_hooks:
+                hook.on_evaluation(state, start_step, metrics)
+        _loop(state, run_hooks, points, evals, task=task, device=device)
+    return TrainResult(Path(out), group, state.step, state.last_eval)
+
+
+def _evaluate(state: LoopState, task: Task | None, device) -> dict[str, float]:
+    return evaluate(state.model, state.data, batch_size=state.config.eval_batch_size,
+                    device=device, transform=task.transform if task is not None else None)
+
+
+def _loop(state: LoopState, hooks: Sequence[Hook], points: ResumePoints, evals: Schedule, *,
+          task: Task | None, device) -> None:
+    """Updates ``state.step + 1 .. config.steps``, calling `hooks` at their points."""
+    config, model, opt = state.config, state.model, state.optimizer
+    for step in range(state.step + 1, config.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(config, step)
+        x, y = batches.batch_for_step(
+            state.data, step, batch_size=config.batch_size, seed=config.order_seed, device=device
+        )
+        if task is not None and task.transform is not None:
+            x, y = task.transform(x, y, step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        for hook in hooks:
+            hook.before_update(state, step)
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            for hook in hooks:
+                hook.on_end(state, False)
+            raise TrainingDiverged(
+                f"loss became {value} at step {step}; steps up to "
+                f"{state.step} are stored in {state.out} (group '{state.group}'); "
+                "lower --lr and record again"
             )
-            if transform is not None:
-                x, y = transform(x, y, step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            if masks is not None:
-                _apply_mask(model, masks, grads=True)
-            opt.step()
-            if masks is not None:
-                _apply_mask(model, masks, grads=False)
-            value = loss.item()
-            if not math.isfinite(value):
-                rec.flush()
-                raise TrainingDiverged(
-                    f"loss became {value} at step {step}; steps up to "
-                    f"{result.last_step} are stored in {out} (group '{group}'); "
-                    "lower --lr and record again"
-                )
-            rec.record(step, loss=value, epoch=step / batches.batches_per_epoch(
-                data, config.batch_size))
-            result.last_step = step
-            if step in evals:
-                metrics = evaluate(model, data, batch_size=config.eval_batch_size, device=device,
-                                   transform=transform)
-                rec.log_eval(step, **metrics)
-                result.final_eval = metrics
-            if on_step is not None:
-                on_step(step, value)
-            due = resume_interval is not None and time.monotonic() >= next_point
-            if step < config.steps and (due or stop.signum is not None):
-                rec.save_resume_point(capture(step, model, opt,
-                                              info={"last_eval": result.final_eval}))
-                next_point = time.monotonic() + (resume_interval or 0.0)
-                if stop.signum is not None:
-                    raise stop.interrupted(step, out, group)
-        rec.mark_complete()
-    return result
+        for hook in hooks:
+            hook.after_update(state, step, value)
+        state.step = step
+        if step in evals:
+            state.last_eval = _evaluate(state, task, device)
+            for hook in hooks:
+                hook.on_evaluation(state, step, state.last_eval)
+        if step < config.steps and points.due():
+            point = capture(step, model, opt, info={"last_eval": state.last_eval})
+            for hook in hooks:
+                hook.on_resume_point(state, point)
+            points.saved()
+            if points.stopping:
+                raise points.interrupted(step, state.out, state.group)
+    for hook in hooks:
+        hook.on_end(state, True)
 
 
 def with_overrides(config: TrainConfig, **values) -> TrainConfig:

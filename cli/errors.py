@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import typer
 
+from ckpt_tools.resume import TrainingInterrupted
 from ckpt_tools.store import StoreError
 from ckpt_tools.train import TrainingDiverged
-from ckpt_tools.train_state import TrainingInterrupted
 
 __all__ = ["USAGE", "fail", "friendly", "state"]
 

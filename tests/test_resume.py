@@ -17,10 +17,9 @@ from typer.testing import CliRunner
 
 import ckpt_tools
 from ckpt_tools import batches
-from ckpt_tools.resume import resume_status
+from ckpt_tools.resume import TrainingInterrupted, capture, restore, resume_status
 from ckpt_tools.store import StoreError, read_group_meta, read_resume_point
 from ckpt_tools.train import build, train
-from ckpt_tools.train_state import TrainingInterrupted, capture, restore
 
 runner = CliRunner()
 SMALL = ["--model", "convnet", "--width", "4", "--steps", "12", "--batch-size", "32",
