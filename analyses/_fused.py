@@ -10,11 +10,16 @@ boundary. Two more small tasks per column of chunks take the weights at the firs
 last recorded step from the first and last chunk (the only chunks read twice). Memory in
 use is a few chunks per worker thread, whatever the history's length.
 
-Precision: every elementwise term is computed in float32 (one rounding, relative error
-2**-24); within a chunk, each layer's segment is summed by numpy's pairwise summation in
-float32 (at most 2**18 terms: relative error about 1e-7); these partial sums are then
-accumulated in float64, so the error does not grow with the model size or the number of
-chunks. Counts are exact integers.
+Each chunk is reduced in its stored, time-major order by one compiled pass
+(`ckpt_tools.analyses._kernel`, numba, without the GIL, so dask's threads use every
+core), or, with ``device="cuda"``, by the same sums in torch on the GPU after the CPU
+decoded the chunk (`_torch_sums`, which also runs on the CPU for the tests).
+
+Precision: every elementwise term is computed in float64 from the float32 weights
+(products and differences of two float32 are exact in float64, so the sign tests are
+exact) and summed in float64; counts are exact integers. The numpy pass this replaces
+rounded every term to float32 and summed in float32 within a chunk: results agree with it
+to float32 rounding (``tests/test_reference.py``).
 """
 
 from __future__ import annotations
@@ -57,29 +62,14 @@ class LayerSums:
 
 _ROW_SUMS = ("abs", "sq", "init_dot", "final_dot", "init_sq", "final_sq", "init_flips")
 _STEP_SUMS = ("step_sq", "step_flips")
+_FLOAT_SUMS = ("abs", "sq", "init_dot", "final_dot", "init_sq", "final_sq", "step_sq")
 
 
 def _segments(bounds: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The layers overlapping columns [lo, hi) and where each starts inside them."""
     starts, stops = bounds[:-1], bounds[1:]
     layers = np.flatnonzero((starts < hi) & (stops > lo) & (stops > starts))
-    return np.maximum(starts[layers], lo) - lo, layers
-
-
-def _sq_diff(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    np.subtract(a, b, out=out)
-    return np.multiply(out, out, out=out)
-
-
-def _opposite(neg_a, pos_a, neg_b, pos_b) -> np.ndarray:
-    """Strictly opposite signs (zeros have no sign)."""
-    return (neg_a & pos_b) | (pos_a & neg_b)
-
-
-def _count(flags: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    # int32 counts are several times faster than int64 and exact below 2**31 per row.
-    dtype = np.int32 if flags.shape[1] < 2**31 else np.int64
-    return np.add.reduceat(flags.view(np.uint8), cuts, axis=1, dtype=dtype)
+    return (np.maximum(starts[layers], lo) - lo).astype(np.int64), layers
 
 
 class _Chunk:
@@ -92,55 +82,90 @@ class _Chunk:
         return np.asarray(self.chunk.compute(scheduler="sync"), dtype=np.float32)
 
 
-def _block(chunk, w0, wf, cuts, trace_cols):
+def _time_major(x: np.ndarray) -> np.ndarray:
+    """`x` (steps, columns) as (columns, steps) with unit stride along steps.
+
+    A chunk read from the store already is (its stored order): no copy then.
+    """
+    xt = x.T
+    return xt if xt.strides[1] == xt.itemsize else np.ascontiguousarray(xt)
+
+
+def _block(chunk, w0, wf, cuts, trace_cols, device):
     """All sums of one chunk (k steps, c params); `w0`/`wf` are its columns' slices."""
     x = chunk()
-    tmp = np.empty_like(x)
-    f64 = np.float64
+    xt = _time_major(x)
+    if device is None:
+        from ckpt_tools.analyses._kernel import chunk_sums
 
-    def seg(values):
-        return np.add.reduceat(values, cuts, axis=1).astype(f64)
+        floats = np.empty((len(_FLOAT_SUMS), xt.shape[1], len(cuts)))
+        counts = np.empty((2, xt.shape[1], len(cuts)), np.int64)
+        chunk_sums(xt, w0, wf, cuts, floats, counts)
+    else:
+        floats, counts = _torch_sums(xt, w0, wf, cuts, device)
+    sums = {name: floats[i] for i, name in enumerate(_FLOAT_SUMS) if name != "step_sq"}
+    sums["init_flips"] = counts[0].astype(np.float64)
+    if len(x) > 1:
+        sums["step_sq"] = floats[_FLOAT_SUMS.index("step_sq"), 1:]
+        sums["step_flips"] = counts[1, 1:].astype(np.float64)
+    sums["traces"] = np.array(xt[trace_cols].T, dtype=np.float32)
+    return sums, (xt[:, 0].copy(), xt[:, -1].copy())
 
-    with np.errstate(over="ignore", invalid="ignore"):
-        neg, pos = x < 0, x > 0
-        sums = {
-            "abs": seg(np.abs(x, out=tmp)),
-            "sq": seg(np.multiply(x, x, out=tmp)),
-            "init_dot": seg(np.multiply(x, w0, out=tmp)),
-            "final_dot": seg(np.multiply(x, wf, out=tmp)),
-            "init_sq": seg(_sq_diff(x, w0, tmp)),
-            "final_sq": seg(_sq_diff(x, wf, tmp)),
-            "init_flips": _count(_opposite(neg, pos, w0 < 0, w0 > 0), cuts).astype(f64),
-        }
-        if len(x) > 1:
-            sums["step_sq"] = seg(_sq_diff(x[1:], x[:-1], tmp[1:]))
-            flips = _opposite(neg[1:], pos[1:], neg[:-1], pos[:-1])
-            sums["step_flips"] = _count(flips, cuts).astype(f64)
-    sums["traces"] = x[:, trace_cols]
-    return sums, (x[0].copy(), x[-1].copy())
+
+def _torch_sums(xt, w0, wf, cuts, device):
+    """The kernel's sums with torch on `device` (float64 terms, per-layer index_add)."""
+    import torch
+
+    dev = torch.device(device)
+    f64 = torch.float64
+    c, k = xt.shape
+    x = torch.from_numpy(np.ascontiguousarray(xt)).to(dev).to(f64)
+    a = torch.from_numpy(np.ascontiguousarray(w0)).to(dev).to(f64)[:, None]
+    b = torch.from_numpy(np.ascontiguousarray(wf)).to(dev).to(f64)[:, None]
+    lengths = np.diff(np.append(cuts, c))
+    seg = torch.repeat_interleave(torch.arange(len(cuts), device=dev),
+                                  torch.from_numpy(lengths).to(dev))
+
+    def seg_sum(v):
+        out = torch.zeros((len(cuts), v.shape[1]), dtype=v.dtype, device=dev)
+        return out.index_add_(0, seg, v).T  # (steps, layers)
+
+    p = x * a
+    step = torch.zeros((c, k), dtype=f64, device=dev)
+    flips = torch.zeros((c, k), dtype=torch.int64, device=dev)
+    step[:, 1:] = torch.square(x[:, 1:] - x[:, :-1])
+    flips[:, 1:] = (x[:, 1:] * x[:, :-1] < 0).to(torch.int64)
+    floats = torch.stack([seg_sum(v) for v in (
+        x.abs(), x * x, p, x * b, torch.square(x - a), torch.square(x - b), step)])
+    counts = torch.stack([seg_sum((p < 0).to(torch.int64)), seg_sum(flips)])
+    return floats.cpu().numpy(), counts.cpu().numpy()
 
 
 def _boundary(before, after, cuts):
     """Step-to-step sums between the last row of one chunk and the first of the next."""
-    prev, cur = before[1][None], after[0][None]
-    tmp = np.empty_like(cur)
+    prev, cur = before[1].astype(np.float64), after[0].astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.add.reduceat(_sq_diff(cur, prev, tmp), cuts, axis=1)
-        flips = _count(_opposite(cur < 0, cur > 0, prev < 0, prev > 0), cuts)
-    return sq[0].astype(np.float64), flips[0].astype(np.float64)
+        sq = np.add.reduceat(np.square(cur - prev), cuts) if len(cuts) else np.zeros(0)
+        flips = np.add.reduceat((cur * prev < 0).astype(np.int64), cuts) if len(cuts) else (
+            np.zeros(0))
+    return sq, flips.astype(np.float64)
 
 
 def _row(chunk, i):
-    return chunk()[i].copy()
+    return np.array(chunk()[i], dtype=np.float32)
 
 
-def layer_sums(params: da.Array, bounds: np.ndarray, trace_index: np.ndarray) -> LayerSums:
+def layer_sums(
+    params: da.Array, bounds: np.ndarray, trace_index: np.ndarray, *, device: str | None = None
+) -> LayerSums:
     """Compute every per-layer sum of a history in one pass over `params`.
 
     Args:
         params: (step, param) float32 dask array, chunks aligned with storage.
         bounds: (layer + 1,) int, layer i spans ``bounds[i]:bounds[i+1]`` along param.
         trace_index: sorted (trace,) int indices along param of the weights to trace.
+        device: None for the compiled CPU kernel; else a torch device (``"cuda"``)
+            that reduces each chunk after the CPU decoded it.
 
     Returns:
         The sums; runs on the current dask scheduler (threads, or a distributed client).
@@ -159,7 +184,7 @@ def layer_sums(params: da.Array, bounds: np.ndarray, trace_index: np.ndarray) ->
     for i in range(nb):
         for j in range(ncols):
             out = delayed(_block, nout=2)(blocks[i, j], firsts[j], lasts[j], layouts[j][0],
-                                          traces[j])
+                                          traces[j], device)
             parts[i, j], edges[i, j] = out[0], out[1]
             if i:
                 joins[i, j] = delayed(_boundary)(edges[i - 1, j], edges[i, j], layouts[j][0])

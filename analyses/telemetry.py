@@ -43,7 +43,12 @@ BY_LAYER: tuple[str, ...] = tuple(f"{name}_by_layer" for name in _META)
 
 
 def compute(
-    history: History, *, weights: str = "prunable", n_traces: int = 10, seed: int = 0
+    history: History,
+    *,
+    weights: str = "prunable",
+    n_traces: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> xr.Dataset:
     """The telemetry of a recorded history.
 
@@ -55,6 +60,8 @@ def compute(
         n_traces: How many individual weights to trace (chosen at random among the
             selected ones; all of them if there are fewer).
         seed: Seed of that choice.
+        device: Where chunks are reduced once the CPU decoded them: ``"cpu"`` (a
+            compiled kernel) or a torch device such as ``"cuda"``.
 
     Returns:
         A Dataset on ``step`` (the recorded steps) with the variables of `VARIABLES`
@@ -64,8 +71,8 @@ def compute(
         ``layer_size``, their number of weights).
 
     Raises:
-        ValueError: unknown `weights`, no selected weights, negative `n_traces`, or a
-            history without recorded steps.
+        ValueError: unknown `weights`, no selected weights, negative `n_traces`, a
+            history without recorded steps, or an unavailable `device`.
         StoreError: `history` is not a recorded history.
     """
     ds = as_history(history)
@@ -78,7 +85,7 @@ def compute(
         raise ValueError("the history has no recorded steps yet")
     bounds = np.array([s.offset for s in specs] + [specs[-1].stop], dtype=np.int64)
     trace_index = _choose_traces(specs, chosen, n_traces, seed)
-    sums = layer_sums(_dask(ds["params"]), bounds, trace_index)
+    sums = layer_sums(_dask(ds["params"]), bounds, trace_index, device=_device(device))
     sizes = np.array([specs[i].size for i in chosen], dtype=np.float64)
     grad = np.asarray(ds["grad_norm"].isel(layer=chosen).values, dtype=np.float64)
     names = [specs[i].name for i in chosen]
@@ -110,6 +117,22 @@ def compute(
         "final_step": int(steps[-1]),
     }
     return out
+
+
+def _device(device: str) -> str | None:
+    """None for the CPU kernel, else the torch device string, checked."""
+    if device == "cpu":
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available; "
+                         "use --device cpu")
+    return str(dev)
 
 
 def _dask(params: xr.DataArray) -> da.Array:

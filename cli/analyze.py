@@ -51,6 +51,20 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[object | Non
         yield client
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise fail(f"unknown --device {device!r}; use cpu or cuda", USAGE) from None
+    if kind not in ("cpu", "cuda"):
+        raise fail(f"unknown --device {device!r}; use cpu or cuda", USAGE)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise fail(f"--device {device} asked for, but this machine has no CUDA device; "
+                   "use --device cpu", USAGE)
+
+
 @friendly
 def analyze(
     store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
@@ -59,6 +73,7 @@ def analyze(
     workers: Annotated[int | None, typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,  # noqa: E501
     scheduler: Annotated[str | None, typer.Option(help="Run on the dask.distributed cluster at this address (tcp://host:port).")] = None,  # noqa: E501
     eval_steps: Annotated[str | None, typer.Option(help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); only recorded steps are used (default: every recorded step).")] = None,  # noqa: E501
+    device: Annotated[str, typer.Option(help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device (cuda, cuda:1); chunks are always decoded on the CPU.")] = "cpu",  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Compute the registered analyses of one history and store each in the same store.
@@ -71,14 +86,18 @@ def analyze(
         raise fail("--workers and --scheduler exclude each other; give one", USAGE)
     if workers is not None and workers < 1:
         raise fail(f"--workers must be at least 1, got {workers}", USAGE)
+    if device != "cpu":
+        _check_device(device)
     stored = open_history(store, group)["step"].values
     if stored.size == 0:
         raise fail(f"'{group}' in {store} has no recorded steps yet")
-    options = {}
+    options = {"telemetry": {}, "evaluate": {}}
+    if device != "cpu":
+        options["telemetry"]["device"] = options["evaluate"]["device"] = device
     if eval_steps is not None:
         wanted = Schedule.parse(eval_steps, final=int(stored[-1])).steps
         picked = sorted(set(wanted) & {int(s) for s in stored})
-        options["evaluate"] = {"steps": picked}
+        options["evaluate"]["steps"] = picked
     console = Console(stderr=True)
     done, skipped = [], []
     with _client(workers, scheduler) as client, Progress(

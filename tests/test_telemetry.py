@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
 from ckpt_tools.analyses import telemetry
@@ -156,3 +157,31 @@ def test_one_read_per_chunk(tiny_run, monkeypatch):
     telemetry.compute(history)
     assert len(set(reads)) == blocks[0] * blocks[1]
     assert len(reads) == blocks[0] * blocks[1] + 2 * blocks[1]
+
+
+def test_the_torch_reduction_matches_the_compiled_kernel(tiny_run, result, monkeypatch):
+    """The torch code that reduces chunks on a GPU, run on the CPU, against the kernel."""
+    from ckpt_tools.analyses import _fused
+
+    real = _fused.layer_sums
+    monkeypatch.setattr(telemetry, "layer_sums",
+                        lambda *a, device=None: real(*a, device="cpu"))
+    got = telemetry.compute(ckpt_tools.open_history(tiny_run).chunk(step=7, param=1000))
+    xr.testing.assert_allclose(got, result, rtol=1e-12)
+    np.testing.assert_array_equal(got["sign_flips_per_step"], result["sign_flips_per_step"])
+
+
+def test_an_unavailable_device_is_refused(tiny_run):
+    with pytest.raises(ValueError, match="device"):
+        telemetry.compute(tiny_run, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            telemetry.compute(tiny_run, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reducing_on_cuda_gives_the_cpu_result(tiny_run, result):
+    got = telemetry.compute(tiny_run, device="cuda")
+    xr.testing.assert_allclose(got, result, rtol=1e-12)
+    np.testing.assert_array_equal(got["sign_change_fraction"], result["sign_change_fraction"])

@@ -3,6 +3,7 @@
 Layout and guarantees are documented in ``docs/store-format.md``.
 """
 
+from ckpt_tools.store.chunks import ChunkReader
 from ckpt_tools.store.compat import check_model, check_state_dict, first_mismatch
 from ckpt_tools.store.integrity import HASH_ARRAY, row_digests, row_hasher
 from ckpt_tools.store.layout import (
@@ -21,6 +22,7 @@ from ckpt_tools.store.reader import (
     history_groups,
     history_meta,
     last_evaluations,
+    open_chunks,
     open_history,
     open_tree,
     read_root,
@@ -34,6 +36,7 @@ from ckpt_tools.store.writer import HistoryWriter, consolidate, remove_partials
 
 __all__ = [
     "ATTRS_KEY",
+    "ChunkReader",
     "CHUNK_STEPS",
     "Codec",
     "FORMAT_VERSION",
@@ -55,6 +58,7 @@ __all__ = [
     "history_meta",
     "last_evaluations",
     "list_results",
+    "open_chunks",
     "open_history",
     "open_tree",
     "read_group_meta",

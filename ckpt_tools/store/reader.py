@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ckpt_tools.store.chunks import ChunkReader, as_dask
 from ckpt_tools.store.integrity import history_warnings
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
@@ -28,6 +29,7 @@ __all__ = [
     "history_check",
     "history_groups",
     "history_meta",
+    "open_chunks",
     "open_history",
     "open_tree",
     "read_row",
@@ -116,6 +118,17 @@ def history_check(path: str | Path, group: str = "train") -> list[str]:
     return history_warnings(_history_group(path, group))
 
 
+def open_chunks(path: str | Path, name: str = "params", *, group: str = "train") -> ChunkReader:
+    """The `ChunkReader` of a history's ``params`` or ``buffers`` (all rows, committed or not).
+
+    Raises:
+        StoreError: missing store or group, or `name` is not one of its weight arrays.
+    """
+    if name not in _WEIGHTS:
+        raise StoreError(f"{name!r} is not a weight array; use one of {', '.join(_WEIGHTS)}")
+    return ChunkReader(_history_group(path, group)[name])
+
+
 def history_meta(path: str | Path, group: str = "train") -> dict:
     """The ``ckpt_tools`` attributes of one history group (config, tables, schedule).
 
@@ -125,11 +138,23 @@ def history_meta(path: str | Path, group: str = "train") -> dict:
     return dict(_history_group(path, group).attrs[ATTRS_KEY])
 
 
+_WEIGHTS = ("params", "buffers")  # the (step, x) arrays read with `ChunkReader`
+
+
+def _fast_reads(ds: xr.Dataset, node: zarr.Group) -> xr.Dataset:
+    """`ds` with its weight arrays read chunk by chunk at decode speed (`as_dask`)."""
+    swapped = {name: ds[name].copy(data=as_dask(node[name])) for name in _WEIGHTS
+               if name in ds and ds[name].ndim == 2 and name in node}
+    return ds.assign(swapped) if swapped else ds
+
+
 def _committed_only(ds: xr.Dataset) -> xr.Dataset:
     ds = ds.drop_vars([n for n in RESUME_ARRAYS if n in ds.variables])
     if "committed" not in ds or "step" not in ds.dims:
         return ds
     keep = np.flatnonzero(np.asarray(ds["committed"].values, dtype=bool))
+    if keep.size and keep[-1] - keep[0] + 1 == keep.size:  # a run of rows: keep chunks whole
+        keep = slice(int(keep[0]), int(keep[-1]) + 1)
     ds = ds.isel(step=keep)
     if "eval_step" in ds.dims:
         done = np.isfinite(np.asarray(ds[ds.attrs[ATTRS_KEY]["eval_metrics"][0]].values)) if (
@@ -151,13 +176,18 @@ def open_tree(path: str | Path) -> xr.DataTree:
     Raises:
         StoreError: if `path` is not a readable ckpt-tools store.
     """
-    read_root(path)
+    root = read_root(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             tree = xr.open_datatree(os.fspath(path), **_open_kwargs())
-        nodes = {node.path: _committed_only(node.to_dataset(inherit=False))
-                 for node in tree.subtree}
+        nodes = {}
+        for node in tree.subtree:
+            ds = node.to_dataset(inherit=False)
+            if isinstance(ds.attrs.get(ATTRS_KEY), dict) and (
+                    ds.attrs[ATTRS_KEY].get("kind") == "history"):
+                ds = _fast_reads(ds, root[node.path.strip("/")])
+            nodes[node.path] = _committed_only(ds)
         return xr.DataTree.from_dict(nodes)
     except StoreError:
         raise
@@ -172,10 +202,10 @@ def open_history(path: str | Path, group: str = "train") -> xr.Dataset:
     Raises:
         StoreError: if the store or the group is missing or not a history.
     """
-    _history_group(path, group)
+    node = _history_group(path, group)
     try:
         ds = xr.open_zarr(os.fspath(path), group=group, chunks={}, consolidated=True)
-        return _committed_only(ds)
+        return _committed_only(_fast_reads(ds, node))
     except Exception as exc:  # damaged metadata or chunks of the step/committed arrays
         raise StoreError(f"group '{group}' in {path}: cannot open ({exc.__class__.__name__}: "
                          f"{_first_line(exc)}); the store is damaged") from exc
@@ -217,6 +247,18 @@ def _read(node: zarr.Group, name: str, index: int, where: str, chunk: str) -> np
                          f"{exc.__class__.__name__}); the store is damaged") from exc
 
 
+def _read_row(node: zarr.Group, name: str, row: int, where: str) -> np.ndarray:
+    """Row `row` of a `(step, x)` array, decoding each chunk of its row of chunks once."""
+    try:
+        reader = ChunkReader(node[name])
+        k = reader.chunks[0]
+        parts = [reader.read(row // k, j)[row % k] for j in range(reader.grid()[1])]
+        return np.concatenate(parts) if parts else np.zeros(0, reader.dtype)
+    except Exception as exc:  # a chunk that does not decode
+        raise StoreError(f"{where}: cannot read '{name}' (chunk {name}/c/{row // CHUNK_STEPS}"
+                         f"/*: {exc.__class__.__name__}); the store is damaged") from exc
+
+
 def read_row(
     path: str | Path, step: int, *, group: str = "train"
 ) -> tuple[np.ndarray, np.ndarray, list[TensorSpec], list[TensorSpec]]:
@@ -246,8 +288,8 @@ def read_row(
     i = int(hits[0])
     meta = node.attrs[ATTRS_KEY]
     at = f"{where}, step {step}"
-    params = _read(node, "params", i, at, f"{i // CHUNK_STEPS}/*")
-    buffers = _read(node, "buffers", i, at, f"{i // CHUNK_STEPS}/*")
+    params = _read_row(node, "params", i, at)
+    buffers = _read_row(node, "buffers", i, at)
     if np.isnan(params).any():
         raise StoreError(f"step {step} in '{group}' of {path} holds NaN weights: corrupt chunk?")
     try:
