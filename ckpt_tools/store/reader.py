@@ -21,6 +21,7 @@ from ckpt_tools.store.layout import (
     check_group_name,
     codec_of,
 )
+from ckpt_tools.store.parts import PART_ARRAY
 from ckpt_tools.store.resume import RESUME_ARRAYS
 from ckpt_tools.store.safety import check_store
 from ckpt_tools.tensors import TensorSpec, specs_from_json
@@ -149,7 +150,7 @@ def _fast_reads(ds: xr.Dataset, node: zarr.Group) -> xr.Dataset:
 
 
 def _committed_only(ds: xr.Dataset) -> xr.Dataset:
-    ds = ds.drop_vars([n for n in RESUME_ARRAYS if n in ds.variables])
+    ds = ds.drop_vars([n for n in (*RESUME_ARRAYS, PART_ARRAY) if n in ds.variables])
     if "committed" not in ds or "step" not in ds.dims:
         return ds
     keep = np.flatnonzero(np.asarray(ds["committed"].values, dtype=bool))

@@ -44,6 +44,7 @@ from ckpt_tools.store.layout import (
     to_json_safe,
 )
 from ckpt_tools.store.lock import LOCK_NAME, GroupLock
+from ckpt_tools.store.parts import mark_parts, ready_rows, start_session
 from ckpt_tools.store.resume import ResumePoint, clear_resume_point, write_resume_point
 from ckpt_tools.store.safety import check_store
 from ckpt_tools.tensors import TensorSpec, specs_from_json, specs_to_json
@@ -352,6 +353,47 @@ class HistoryWriter:
             lock.release()
             raise
 
+    @classmethod
+    def attach(cls, path: str | Path, name: str) -> HistoryWriter:
+        """Open a group that another rank of the same job holds the lock of.
+
+        For the ranks other than 0 of a sharded recording: rank 0 creates or reopens the
+        group (and holds its lock) first; the others then write their own chunks and
+        their own `part_written` flags through this writer, and nothing else.
+
+        Raises:
+            StoreError: if the group is missing or not a history.
+        """
+        check_group_name(name)
+        try:
+            group = zarr.open_group(str(Path(path) / name), mode="r+", zarr_format=3,
+                                    use_consolidated=False)
+        except FileNotFoundError:
+            raise StoreError(f"{path} has no group '{name}'") from None
+        if group.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
+            raise StoreError(f"group '{name}' in {path} is not a recorded history")
+        return cls(Path(path), group, None)
+
+    def start_session(self, world: int) -> int:
+        """Prepare per-rank flags for `world` ranks and return a new session number.
+
+        The group's attributes then say ``ranks: world``: its rows have no single
+        writer, so they carry no content hash (`row_hash` stays zero).
+        """
+        session = start_session(self.group, world)
+        self.update_attrs(ranks=int(world))
+        return session
+
+    def mark_parts(self, rows: np.ndarray, rank: int, session: int) -> None:
+        """Flag `rows` as written by `rank` in `session` (call after its `write_rows`)."""
+        mark_parts(self.group, rows, rank, session)
+
+    def commit_ready(self, session: int) -> np.ndarray:
+        """Commit every row that all ranks have written in `session`; return those rows."""
+        rows = ready_rows(self.group, session)
+        self.commit(rows)
+        return rows
+
     def update_attrs(self, **values) -> None:
         """Merge `values` into the group's ckpt_tools attributes and re-consolidate."""
         meta = dict(self.group.attrs[ATTRS_KEY])
@@ -386,9 +428,15 @@ class HistoryWriter:
         buffers: np.ndarray,
         grad_norm: np.ndarray | None = None,
         scalars: Mapping[str, np.ndarray] | None = None,
+        *,
+        columns: Sequence[tuple[int, int]] | None = None,
     ) -> None:
-        """Write rows `start:start+len(params)` of every per-step array (not yet visible)."""
-        for array, rows, values in self._row_writes(start, params, buffers, grad_norm, scalars):
+        """Write rows `start:start+len(params)` of every per-step array (not yet visible).
+
+        `columns` and `buffers=None` as in `write_rows_async`.
+        """
+        writes = self._row_writes(start, params, buffers, grad_norm, scalars, columns)
+        for array, rows, values in writes:
             array[rows] = values
 
     async def write_rows_async(
@@ -398,19 +446,30 @@ class HistoryWriter:
         buffers: np.ndarray,
         grad_norm: np.ndarray | None = None,
         scalars: Mapping[str, np.ndarray] | None = None,
+        *,
+        columns: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """`write_rows` on the caller's event loop, whose executor then runs the codecs.
 
-        The `Recorder` uses this to compress on its own low-priority threads.
+        The `Recorder` uses this to compress on its own low-priority threads. With
+        `columns` (chunk-aligned `(start, stop)` runs of `param`), `params` holds only
+        those runs, concatenated, and only they are written; `buffers=None` writes none.
         """
-        writes = self._row_writes(start, params, buffers, grad_norm, scalars)
+        writes = self._row_writes(start, params, buffers, grad_norm, scalars, columns)
         await asyncio.gather(*(a.async_array.setitem(rows, v) for a, rows, v in writes))
 
-    def _row_writes(self, start, params, buffers, grad_norm, scalars):
+    def _row_writes(self, start, params, buffers, grad_norm, scalars, columns=None):
         rows = slice(start, start + len(params))
-        writes = [(self.group["params"], rows, params),
-                  (self._hashes(), rows, row_digests(params, buffers))]
-        if buffers.shape[1]:
+        if columns is None:
+            writes = [(self.group["params"], rows, params),
+                      (self._hashes(), rows, row_digests(params, buffers))]
+        else:  # no process holds the whole row: such rows carry no content hash
+            writes, at = [], 0
+            for lo, hi in columns:
+                part = params[:, at : at + hi - lo]
+                writes.append((self.group["params"], (rows, slice(lo, hi)), part))
+                at += hi - lo
+        if buffers is not None and buffers.shape[1]:
             writes.append((self.group["buffers"], rows, buffers))
         if grad_norm is not None:
             writes.append((self.group["grad_norm"], rows, grad_norm))
