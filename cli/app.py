@@ -6,6 +6,7 @@ import typer
 from ckpt_tools.cli import (
     ablate,
     analyze,
+    compact,
     export,
     imp,
     importer,
@@ -35,6 +36,7 @@ def _main(
 
 app.command("record")(record.record)
 app.command("info")(info.info)
+app.command("compact")(compact.compact)
 app.command("analyze")(analyze.analyze)
 app.command("report")(report.report)
 app.command("imp")(imp.imp)

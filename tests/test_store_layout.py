@@ -72,6 +72,7 @@ def _big_history(path: Path, *, codec: str, n_steps: int = 17, n_params: int = 7
         attrs={"config": {}}, root_attrs={}, codec=codec,
         shard_bytes=16 * 2 * PARAM_CHUNK * 4,  # two chunks per shard: several shards
     )
+    assert writer.file_shape("params") == (16, 2 * PARAM_CHUNK)  # what one file covers
     try:
         for start in range(0, n_steps, 16):
             stop = min(start + 16, n_steps)

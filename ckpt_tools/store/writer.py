@@ -401,6 +401,15 @@ class HistoryWriter:
         self.group.attrs[ATTRS_KEY] = meta
         consolidate(self.root_path)
 
+    def file_shape(self, name: str = "params") -> tuple[int, int]:
+        """`(rows, columns)` that one stored file of the row array `name` covers.
+
+        A chunk, or a shard when the array is sharded. Processes that share the writing of
+        a block of rows must split it at multiples of these columns: two writers of parts
+        of one file would each rewrite the whole file, and one of them would lose.
+        """
+        return tuple(int(n) for n in self.group[name].metadata.chunk_grid.chunk_shape)
+
     def committed_mask(self) -> np.ndarray:
         """Boolean `(step,)` array: which rows are complete."""
         return np.asarray(self._committed[:], dtype=bool)
