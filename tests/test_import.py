@@ -401,3 +401,39 @@ def test_bad_input_leaves_the_store_as_it_was(tmp_path, monkeypatch, case):
         assert message in " ".join(lines[0].split()), lines[0]
     assert _hashes(existing) == before
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_streaming_across_chunk_and_shard_boundaries(tmp_path):
+    """Rows wider than a chunk, tensors straddling chunks and shards, several row blocks."""
+    from ckpt_tools.importer import find_checkpoints, plan_series
+    from ckpt_tools.importer.write import write_series
+    from ckpt_tools.store import HistoryWriter
+    from ckpt_tools.store.layout import PARAM_CHUNK
+
+    gen = torch.Generator().manual_seed(3)
+    state = {"emb.weight": torch.randn(1100, 1000, generator=gen).to(torch.bfloat16),
+             "head.weight": torch.randn(7, 333, generator=gen),
+             "head.bias": torch.randn(7, generator=gen).to(torch.float16),
+             "scale": torch.tensor(0.5)}
+    refs, paths = {}, []
+    for step in range(5):
+        state = {k: (v.float() + 0.01 * step).to(v.dtype) for k, v in state.items()}
+        refs[step] = {k: v.clone() for k, v in state.items()}
+        path = tmp_path / (f"s{step}.safetensors" if step % 2 else f"s{step}.pt")
+        if step % 2:
+            safetensors_torch.save_file(state, str(path))
+        else:
+            torch.save(state, path)
+        paths.append(path)
+    series = plan_series(find_checkpoints(paths))
+    n = series.params[-1].stop
+    assert n > 4 * PARAM_CHUNK  # sharded in format 2
+    out = tmp_path / "run.zarr"
+    writer = HistoryWriter.create(out, "train", steps=[r.step for r in series.rows],
+                                  params=series.params, buffers=series.buffers, attrs={},
+                                  root_attrs={}, chunk_steps=2,
+                                  shard_bytes=2 * 2 * PARAM_CHUNK * 4)
+    assert writer.block_shape() == (2, 2 * PARAM_CHUNK)  # 3 row blocks x 3 column blocks
+    write_series(writer, series)
+    writer.close()
+    assert_rows_match(out, refs)

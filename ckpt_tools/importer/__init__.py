@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 
+IMPORT_SHARD_BYTES = 1 << 26
+"""64 MiB raw per shard: writing a shard costs Zarr about three times its raw size in
+memory, so imports use shards an eighth of the default size (see docs/performance.md)."""
+
+
 @dataclass(frozen=True)
 class ImportReport:
     """What `import_checkpoints` stored.
@@ -94,6 +99,7 @@ def import_checkpoints(
     schedule: Schedule | str | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    shard_bytes: int = IMPORT_SHARD_BYTES,
 ) -> ImportReport:
     """Store a series of checkpoints as the history group `group` of the store `out`.
 
@@ -110,6 +116,9 @@ def import_checkpoints(
         schedule: The schedule the series was saved on; gaps against it are reported.
         overwrite: Replace an existing group of the same name.
         progress: Called with the number of rows stored so far.
+        shard_bytes: Raw bytes of a shard at most, for rows large enough to be sharded
+            (see `ckpt_tools.store.layout.row_array_layout`): the import holds one
+            shard's rows in memory while it is written, plus Zarr's encoding copies.
 
     Raises:
         CheckpointError: a source is unreadable, or the series does not fit together.
@@ -123,7 +132,7 @@ def import_checkpoints(
     writer = HistoryWriter.create(
         out, group, steps=[r.step for r in series.rows], params=series.params,
         buffers=series.buffers, attrs=_attrs(series, schedule, step_regex),
-        root_attrs=provenance(), overwrite=overwrite,
+        root_attrs=provenance(), overwrite=overwrite, shard_bytes=shard_bytes,
     )
     try:
         write_series(writer, series, progress=progress)
