@@ -437,3 +437,27 @@ def test_streaming_across_chunk_and_shard_boundaries(tmp_path):
     write_series(writer, series)
     writer.close()
     assert_rows_match(out, refs)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_export_a_recorded_step_into_the_model(tiny_run, tmp_path, fmt):
+    from conftest import TINY
+
+    from ckpt_tools.train import build
+
+    out = tmp_path / f"step5.{fmt}"
+    result = runner.invoke(app, ["export", str(tiny_run), "--step", "5", "--format", fmt,
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    state = (torch.load(out, weights_only=True) if fmt == "torch"
+             else safetensors_torch.load_file(str(out)))
+    model, _ = build(TINY)
+    model.load_state_dict(state)
+    want = ckpt_tools.load_state_dict(tiny_run, 5)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and bits(got[k]) == bits(want[k]) for k in want)
+    missing = runner.invoke(app, ["export", str(tiny_run), "--step", "21", "-o",
+                                  str(tmp_path / "x.pt")])
+    assert missing.exit_code == 1 and "step 21 is not stored" in missing.output
+    assert not (tmp_path / "x.pt").exists()
