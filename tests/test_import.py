@@ -412,16 +412,17 @@ def test_streaming_across_chunk_and_shard_boundaries(tmp_path):
 
     gen = torch.Generator().manual_seed(3)
     state = {"emb.weight": torch.randn(1100, 1000, generator=gen).to(torch.bfloat16),
-             "head.weight": torch.randn(7, 333, generator=gen),
+             "head.weight": torch.randn(333, 7, generator=gen).T,  # saved non-contiguous
              "head.bias": torch.randn(7, generator=gen).to(torch.float16),
              "scale": torch.tensor(0.5)}
     refs, paths = {}, []
     for step in range(5):
         state = {k: (v.float() + 0.01 * step).to(v.dtype) for k, v in state.items()}
+        state["head.weight"] = state["head.weight"].T.contiguous().T
         refs[step] = {k: v.clone() for k, v in state.items()}
         path = tmp_path / (f"s{step}.safetensors" if step % 2 else f"s{step}.pt")
         if step % 2:
-            safetensors_torch.save_file(state, str(path))
+            safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         else:
             torch.save(state, path)
         paths.append(path)

@@ -270,6 +270,7 @@ class OpenCheckpoint:
         self._torch: dict[str, torch.Tensor] = {}
         self._safe: dict[str, object] = {}  # tensor name -> safe_open handle
         self._stack = contextlib.ExitStack()
+        self._dense: tuple[str | None, torch.Tensor | None] = (None, None)
         self.table: list[TensorInfo] = []
         try:
             for path in ckpt.files:
@@ -336,7 +337,13 @@ class OpenCheckpoint:
         at each end), from a memory map or through `safe_open`'s slices.
         """
         if name in self._torch:
-            return self._torch[name].reshape(-1)[lo:hi]
+            tensor = self._torch[name]
+            if not tensor.is_contiguous():  # e.g. a transposed view was saved
+                # Made contiguous once per tensor, not once per piece.
+                if self._dense[0] != name:
+                    self._dense = (name, tensor.contiguous())
+                tensor = self._dense[1]
+            return tensor.reshape(-1)[lo:hi]
         piece = self._safe[name].get_slice(name)
         shape = piece.get_shape()
         if len(shape) < 2:
@@ -349,6 +356,7 @@ class OpenCheckpoint:
         """Release the files (memory maps close when the tensors are dropped)."""
         self._torch.clear()
         self._safe.clear()
+        self._dense = (None, None)
         self._stack.close()
 
     def __enter__(self) -> OpenCheckpoint:
