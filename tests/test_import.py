@@ -322,6 +322,8 @@ def test_import_warns_about_a_mislabelled_and_misordered_series(tmp_path):
     info = " ".join(runner.invoke(app, ["info", str(out)]).output.split())
     assert "steps 2, 4 hold identical weights" in info
     assert "steps out of order: step 2 after 3" in info
+    summary = json.loads(runner.invoke(app, ["info", str(out), "--json"]).output)
+    assert len(summary["groups"][0]["warnings"]) == 2
 
 
 def test_recorded_runs_carry_row_hashes_and_report_gaps(tiny_run, tmp_path):
@@ -364,7 +366,16 @@ def _bad_sources(tmp_path):
     wide.body[3] = torch.nn.Linear(8, 5)  # another head
     safetensors_torch.save_file(wide.state_dict(), str(other / "model.safetensors"))
     (other / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
+    nameless = tmp_path / "final.safetensors"
+    safetensors_torch.save_file(_Net().state_dict(), str(nameless))
+    same_step = tmp_path / "copy-of-2"
+    same_step.mkdir()
+    safetensors_torch.save_file(_Net().state_dict(), str(same_step / "model.safetensors"))
+    (same_step / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     return {
+        "nameless": ([str(nameless)], "cannot tell the step of"),
+        "same step": (["SERIES", str(same_step)], "SERIES/checkpoint-2 and "
+                      f"{same_step} both hold step 2"),
         "text": ([str(text)], "notes.pt is not a PyTorch checkpoint"),
         "garbage": ([str(garbage)], "garbage.safetensors is not a safetensors file"),
         "unknown": ([str(unknown)], "weights.npz is not a checkpoint ckpt import reads"),
@@ -375,7 +386,8 @@ def _bad_sources(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["text", "garbage", "unknown", "pickle", "mixed", "revision"])
+@pytest.mark.parametrize("case", ["text", "garbage", "unknown", "pickle", "mixed", "revision",
+                                  "nameless", "same step"])
 def test_bad_input_leaves_the_store_as_it_was(tmp_path, monkeypatch, case):
     series = _series(tmp_path, [1, 2])
     existing = tmp_path / "run.zarr"
