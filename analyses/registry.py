@@ -26,6 +26,9 @@ __all__ = ["ANALYSES", "NotApplicable", "chart", "figures", "get", "names", "run
 ANALYSES: dict[str, str] = {
     "telemetry": "ckpt_tools.analyses.telemetry",
     "evaluate": "ckpt_tools.analyses.evaluate",
+    "pca": "ckpt_tools.analyses.pca",
+    "spectra": "ckpt_tools.analyses.spectra",
+    "compare": "ckpt_tools.analyses.compare",
 }
 """Registered analyses, in the order ``ckpt analyze`` runs them."""
 

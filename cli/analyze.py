@@ -65,6 +65,20 @@ def _check_device(device: str) -> None:
                    "use --device cpu", USAGE)
 
 
+def parse_against(spec: str, store: Path) -> tuple[str, str]:
+    """``OTHER.zarr[:GROUP]`` (or ``:GROUP``, this store) as ``(store, group)``.
+
+    A URL's ``scheme://`` is not a group separator: ``s3://b/run.zarr:imp/level_1``.
+    """
+    path, sep, group = spec.rpartition(":")
+    if not sep or group.startswith("/"):  # no group, or a URL scheme / drive letter
+        path, group = spec, "train"
+    if not group:
+        raise fail(f"--against {spec!r}: empty group after ':'; give OTHER.zarr[:GROUP]",
+                   USAGE)
+    return (path or str(store)), group
+
+
 @friendly
 def analyze(
     store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
@@ -73,6 +87,7 @@ def analyze(
     workers: Annotated[int | None, typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,  # noqa: E501
     scheduler: Annotated[str | None, typer.Option(help="Run on the dask.distributed cluster at this address (tcp://host:port).")] = None,  # noqa: E501
     eval_steps: Annotated[str | None, typer.Option(help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); only recorded steps are used (default: every recorded step).")] = None,  # noqa: E501
+    against: Annotated[str | None, typer.Option(help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, or :GROUP for a group of this store.")] = None,  # noqa: E501
     device: Annotated[str, typer.Option(help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device (cuda, cuda:1); chunks are always decoded on the CPU.")] = "cpu",  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -89,6 +104,9 @@ def analyze(
     if device != "cpu":
         _check_device(device)
     stored = open_history(store, group)["step"].values
+    if against is not None:
+        other, other_group = parse_against(against, store)
+        open_history(other, other_group)  # a missing store or group fails here, in one line
     if stored.size == 0:
         raise fail(f"'{group}' in {store} has no recorded steps yet")
     options = {"telemetry": {}, "evaluate": {}}
@@ -98,6 +116,8 @@ def analyze(
         wanted = Schedule.parse(eval_steps, final=int(stored[-1])).steps
         picked = sorted(set(wanted) & {int(s) for s in stored})
         options["evaluate"]["steps"] = picked
+    if against is not None:
+        options["compare"] = {"against": str(other), "against_group": other_group}
     console = Console(stderr=True)
     done, skipped = [], []
     with _client(workers, scheduler) as client, Progress(

@@ -37,7 +37,9 @@ def test_analyze_stores_every_registered_analysis(tiny_copy):
     result = runner.invoke(app, ["analyze", str(tiny_copy), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "telemetry: 19 variables over 25 steps" in result.output
-    assert [r["analysis"] for r in list_results(tiny_copy)] == ["evaluate", "telemetry"]
+    assert sorted(r["analysis"] for r in list_results(tiny_copy)) == [
+        "evaluate", "pca", "spectra", "telemetry"]
+    assert "compare: skipped (no second history" in result.output
     history = ckpt_tools.open_history(tiny_copy)
     stored = read_result(tiny_copy, "telemetry")
     xr.testing.assert_identical(data_of(stored), data_of(telemetry.compute(history)))
@@ -45,7 +47,7 @@ def test_analyze_stores_every_registered_analysis(tiny_copy):
     acc = read_result(tiny_copy, "evaluate")["test_accuracy"]
     np.testing.assert_allclose(acc.sel(step=[0, 20, 40]), history["test_accuracy"], rtol=1e-6)
     tree = ckpt_tools.open_store(tiny_copy)  # still a store that opens with its results
-    assert set(tree["analyses"].children) == {"telemetry", "evaluate"}
+    assert set(tree["analyses"].children) == {"telemetry", "evaluate", "pca", "spectra"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         raw = xr.open_datatree(str(tiny_copy), engine="zarr")
@@ -112,13 +114,17 @@ def test_custom_loop_runs_skip_what_does_not_apply(tmp_path):
     result = runner.invoke(app, ["analyze", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "evaluate: skipped" in result.output
-    assert [r["analysis"] for r in list_results(path)] == ["telemetry"]
+    assert sorted(r["analysis"] for r in list_results(path)) == ["pca", "spectra", "telemetry"]
     result = runner.invoke(app, ["analyze", str(path), "--only", "evaluate"])
     assert result.exit_code != 0 and "custom loop" in result.output
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    (["--only", "nope"], 2, "unknown analysis 'nope'; registered: telemetry, evaluate"),
+    (["--only", "nope"], 2, "unknown analysis 'nope'; registered: telemetry, evaluate, pca"),
+    (["--device", "tpu"], 2, "unknown --device 'tpu'"),
+    (["--against", "missing.zarr"], 1, "missing.zarr does not exist"),
+    (["--against", ":imp/level_1"], 1, "has no group 'imp/level_1'"),
+    (["--against", "x.zarr:"], 2, "empty group after ':'"),
     (["--workers", "0"], 2, "--workers must be at least 1"),
     (["--workers", "1", "--scheduler", "tcp://127.0.0.1:1"], 2, "exclude each other"),
     (["--group", "imp"], 1, "has no group 'imp'"),
@@ -137,7 +143,7 @@ def test_missing_store(tmp_path):
 
 
 def test_registry_and_charts(tiny_run):
-    assert registry.names() == ["telemetry", "evaluate"]
+    assert registry.names() == ["telemetry", "evaluate", "pca", "spectra", "compare"]
     assert registry.get("telemetry") is telemetry and registry.get("evaluate") is evaluate
     with pytest.raises(KeyError, match="unknown analysis"):
         registry.get("nope")
@@ -163,3 +169,25 @@ def test_progress_counts_every_task(tiny_run, cluster, distributed):
                 telemetry.compute(history)
         state = bar.tasks[0]
     assert state.total and state.total > 10 and state.completed == state.total
+
+
+def test_against_compares_two_histories_and_stores_the_result(tiny_copy, tiny_run):
+    result = runner.invoke(app, ["analyze", str(tiny_copy), "--only", "compare",
+                                 "--against", f"{tiny_run}:train", "--quiet"])
+    assert result.exit_code == 0, result.output
+    stored = read_result(tiny_copy, "compare")
+    assert stored.attrs["ckpt_tools"]["options"]["against"] == f"{tiny_run}:train"
+    assert (stored["l2_distance"] == 0).all() and (stored["cosine_similarity"] == 1).all()
+
+
+def test_device_cuda(tiny_copy):
+    """Without a GPU, --device cuda is refused in one line; with one, it gives the CPU's
+    telemetry."""
+    result = runner.invoke(app, ["analyze", str(tiny_copy), "--only", "telemetry",
+                                 "--device", "cuda", "--quiet"])
+    if not torch.cuda.is_available():
+        assert result.exit_code == 2 and "no CUDA device" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    xr.testing.assert_allclose(data_of(read_result(tiny_copy, "telemetry")),
+                               data_of(telemetry.compute(tiny_copy)), rtol=1e-12)

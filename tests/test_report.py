@@ -310,3 +310,22 @@ def test_page_reports_a_chart_that_fails_to_embed(two_page, tmp_path):
     dom = rendered_dom(broken, tmp_path)
     assert "fig-0" in errors_in(dom)
     assert re.search(r'<body[^>]*data-status="error"', dom)
+
+
+def test_trajectory_analyses_are_drawn_in_a_browser(tiny_copy, second_run, tmp_path):
+    """PCA, spectra and run-to-run comparison, stored by ckpt analyze, on the page."""
+    done = CliRunner().invoke(app, ["analyze", str(tiny_copy), "--only", "pca,spectra,compare",
+                                    "--against", str(second_run), "--quiet"])
+    assert done.exit_code == 0, done.output
+    report = build_report(load_runs([tiny_copy]))
+    assert {"pca", "spectra", "compare"} <= figure_names(report)["Other analyses"]
+    out = tmp_path / "trajectory.html"
+    page.write_html(report, out)
+    dom = rendered_dom(out, tmp_path)
+    assert errors_in(dom) == ""
+    charts = re.split(r'(?=<div class="chart[^"]*" id="fig-)', dom)[1:]
+    for name in ("pca", "spectra", "compare"):
+        chart = next(c for c in charts if re.search(rf'data-name="[^"]*{name}"',
+                                                    c[: c.index(">")]))
+        assert 'data-rendered="true"' in chart[: chart.index(">")], name
+        assert "<svg" in chart and 'role="graphics-symbol"' in chart, name  # drawn marks
