@@ -9,7 +9,11 @@ default allocator settings, whose dynamic mmap threshold lets freed chunk-sized 
 fragment the heap (RSS creeps up although Python holds no more memory), and with a fixed
 threshold (``MALLOC_MMAP_THRESHOLD_``), which shows the working set itself.
 
+With --store, an existing store (e.g. a 30 GB history written once) is measured instead,
+and --full-only skips the quarter-length run and the second allocator setting.
+
 Usage: python bench/telemetry_memory.py [--gb 2.0] [--params 262144] [--dir DIR]
+       python bench/telemetry_memory.py --store BIG.zarr --full-only
 """
 
 from __future__ import annotations
@@ -57,18 +61,27 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="raw float32 GB of weights")
     parser.add_argument("--params", type=int, default=1 << 18, help="weights per step")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
+    parser.add_argument("--store", type=Path, default=None, help="measure this store instead")
+    parser.add_argument("--full-only", action="store_true",
+                        help="only the whole history, glibc's default allocator settings")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     try:
-        store = scratch / "synthetic.zarr"
-        n_steps = max(int(args.gb * 1e9 / (4 * args.params)), 16)
-        write_synthetic_history(store, n_steps=n_steps, n_params=args.params)
+        store = args.store or scratch / "synthetic.zarr"
+        if args.store is None:
+            n_steps = max(int(args.gb * 1e9 / (4 * args.params)), 16)
+            write_synthetic_history(store, n_steps=n_steps, n_params=args.params)
+        else:
+            import ckpt_tools
+
+            n_steps = ckpt_tools.open_history(store).sizes["step"]
         mib = 1 << 20
         print(f"{'allocator':>22} {'steps':>6} {'raw GB':>7} {'RSS warm':>9} {'peak RSS':>9} "
               f"{'growth':>8} {'raw/peak':>8} {'GB/s':>6}")
-        for label, env in (("glibc default", {}),
-                           ("mmap threshold 4 MiB", {"MALLOC_MMAP_THRESHOLD_": "4194304"})):
-            for steps in (n_steps // 4, n_steps):
+        settings = (("glibc default", {}),
+                    ("mmap threshold 4 MiB", {"MALLOC_MMAP_THRESHOLD_": "4194304"}))
+        for label, env in settings[:1] if args.full_only else settings:
+            for steps in (n_steps,) if args.full_only else (n_steps // 4, n_steps):
                 m = probe(store, steps, env)
                 growth = m["peak"] - m["opened"]
                 print(f"{label:>22} {steps:6d} {m['raw'] / 1e9:7.2f} {m['opened'] / mib:5.0f} MiB "

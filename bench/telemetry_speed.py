@@ -20,7 +20,11 @@ recorded ones), and measures in the same run, in raw float32 GB per second:
 With --cold, the store's files are dropped from the page cache (posix_fadvise) before
 each store pass, so they come from the disk.
 
+With --store, an existing history (e.g. one written for bench/telemetry_memory.py) is
+measured instead of a new one: its first --gb GB of steps (its own layer table).
+
 Usage: python bench/telemetry_speed.py [--gb 1.0] [--cold] [--profile] [--json OUT]
+       python bench/telemetry_speed.py --store BIG.zarr --gb 10
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from numcodecs import blosc
 
 import ckpt_tools
 from ckpt_tools import models
-from ckpt_tools.store import open_chunks
+from ckpt_tools.store import history_meta, open_chunks
 from ckpt_tools.synthetic import write_synthetic_history
-from ckpt_tools.tensors import param_specs, split_row
+from ckpt_tools.tensors import param_specs, specs_from_json, split_row
 
 
 def timed(fn):
@@ -97,15 +101,15 @@ def baseline(folder: Path, steps, prunable) -> list:
     return out
 
 
-def tensorstore_read(array_path: Path, slab_rows: int) -> int:
-    """Read the whole array with TensorStore, slab by slab; returns the bytes read."""
+def tensorstore_read(array_path: Path, slab_rows: int, n_rows: int) -> int:
+    """Read the first `n_rows` of the array with TensorStore, slab by slab; returns bytes."""
     import tensorstore as ts
 
     store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                     "path": str(array_path)}}).result()
     n = 0
-    for lo in range(0, store.shape[0], slab_rows):
-        n += store[lo:min(lo + slab_rows, store.shape[0])].read().result().nbytes
+    for lo in range(0, n_rows, slab_rows):
+        n += store[lo:min(lo + slab_rows, n_rows)].read().result().nbytes
     return n
 
 
@@ -163,6 +167,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="evict the store before each pass")
     parser.add_argument("--profile", action="store_true", help="time decoding and the kernel")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--store", type=Path, default=None, help="measure this store's first "
+                        "--gb GB instead of writing one")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     try:
@@ -172,18 +178,26 @@ def main() -> None:
 
 
 def run(args, scratch: Path) -> None:
-    model = models.build(args.model, num_classes=10, in_channels=3, image_size=32)
-    specs = param_specs(model)
-    width = specs[-1].stop
-    n_steps = max(int(args.gb * 1e9 / (4 * width)), 2)
-    store = scratch / "synthetic.zarr"
-    t_write, _ = timed(lambda: write_synthetic_history(store, n_steps=n_steps, specs=specs))
-    history = ckpt_tools.open_history(store)
+    if args.store is None:
+        model = models.build(args.model, num_classes=10, in_channels=3, image_size=32)
+        specs = param_specs(model)
+        width = specs[-1].stop
+        n_steps = max(int(args.gb * 1e9 / (4 * width)), 2)
+        store = scratch / "synthetic.zarr"
+        t_write, _ = timed(lambda: write_synthetic_history(store, n_steps=n_steps, specs=specs))
+    else:
+        store, t_write = args.store, 0.0
+        specs = specs_from_json(history_meta(store)["params"])
+        width = specs[-1].stop
+        n_steps = max(int(args.gb * 1e9 / (4 * width)) // 16 * 16, 2)
+    history = ckpt_tools.open_history(store).isel(step=slice(0, n_steps))
+    n_steps = history.sizes["step"]
     raw = history["params"].nbytes
     n_base = min(n_steps, max(int(args.baseline_gb * 1e9 / (4 * width)), 2))
     t_files, _ = timed(lambda: write_torch_files(history, scratch / "pt", specs, n_base))
     array = store / "train" / "params"
-    stored = sorted(p for p in array.rglob("c/*/*") if p.is_file())
+    stored = sorted((p for p in array.rglob("c/*/*") if p.is_file()),
+                    key=lambda p: int(p.parent.name))[:-(-n_steps // 16) * -(-width // 2**18)]
     stored_bytes = sum(f.stat().st_size for f in stored)
     cores = os.cpu_count() or 1
     print(f"history: {n_steps} steps x {width:,} weights = {raw / 1e9:.2f} GB raw float32, "
@@ -197,7 +211,7 @@ def run(args, scratch: Path) -> None:
 
     figures = {}
     slab = max(16, int(1e9 / (4 * width)) // 16 * 16)
-    t, n = store_pass(lambda: tensorstore_read(array, slab))
+    t, n = store_pass(lambda: tensorstore_read(array, slab, n_steps))
     figures["TensorStore full read"] = n / t
     t, n = codec_decode(stored, cores, min(raw, int(2e9)))
     figures[f"blosc decode ({cores} threads)"] = n / t

@@ -67,3 +67,19 @@ def test_an_unknown_codec_chain_falls_back_to_zarr(tmp_path):
     arr[:] = np.arange(300, dtype=np.float32).reshape(10, 30)
     assert not ChunkReader(arr).fast
     np.testing.assert_array_equal(as_dask(arr).compute(), arr[:])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_store_that_is_not_a_folder_is_read_through_its_zarr_store(sharded):
+    """Object stores (S3 through fsspec, ...) are read with ``store.get``, byte ranges too."""
+    values = np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32)
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=values.shape, chunks=(4, 100),
+                            dtype="float32", fill_value=np.nan,
+                            shards=(8, 200) if sharded else None,
+                            filters=[TransposeCodec(order=(1, 0))],
+                            compressors=[BloscCodec(cname="lz4", shuffle="bitshuffle",
+                                                    typesize=4)])
+    arr[:] = values
+    reader = ChunkReader(arr)
+    assert reader.fast and reader._root is None
+    np.testing.assert_array_equal(as_dask(arr).compute(), values)
