@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import xarray as xr
 
 from ckpt_tools.api import open_history
-from ckpt_tools.store import ATTRS_KEY, StoreError
+from ckpt_tools.store import ATTRS_KEY, Location, StoreError
 from ckpt_tools.tensors import TensorSpec, specs_from_json
 
 __all__ = [
@@ -38,8 +37,8 @@ def as_history(history: History) -> xr.Dataset:
             not a recorded history.
         TypeError: `history` is none of the accepted types.
     """
-    if isinstance(history, str | os.PathLike):
-        return open_history(Path(history), "train")
+    if isinstance(history, str | os.PathLike | Location):
+        return open_history(history, "train")
     if isinstance(history, xr.DataTree):
         ds = history.to_dataset(inherit=False)
         where = f"node '{history.path}'"

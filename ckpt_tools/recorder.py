@@ -24,7 +24,14 @@ from torch import nn
 
 from ckpt_tools.provenance import provenance
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import CHUNK_STEPS, HistoryWriter, ResumePoint, StoreError, first_mismatch
+from ckpt_tools.store import (
+    CHUNK_STEPS,
+    HistoryWriter,
+    ResumePoint,
+    StoreError,
+    as_location,
+    first_mismatch,
+)
 from ckpt_tools.store.layout import ATTRS_KEY, to_json_safe
 from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 
@@ -86,7 +93,8 @@ class Recorder:
     """Record a model's parameters and buffers at the steps of a schedule.
 
     Args:
-        path: The store (a directory ending in ``.zarr``); created if missing.
+        path: The store (a directory ending in ``.zarr``, an ``s3://`` URL or a
+            `Location`); created if missing.
         model: The model (a DDP wrapper is unwrapped); its state is read at each `record`.
         schedule: The steps to record (`Schedule`, its text form, or a list of steps).
         group: The history group inside the store.
@@ -102,6 +110,9 @@ class Recorder:
         codec: How `params` and `buffers` chunks are stored: ``"lz4"`` (default,
             lossless) or ``"none"`` (uncompressed, least CPU; compress later with
             ``ckpt compact``). A resumed group keeps the codec it was created with.
+
+        storage_options: Options for the file system of a URL `path` (for s3fs:
+            ``endpoint_url``, ``key``, ``secret``, ...), on top of the AWS environment.
 
     Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
     """
@@ -120,8 +131,10 @@ class Recorder:
         resume: bool = False,
         max_pending: int = 2,
         codec: str = "lz4",
+
+        storage_options: Mapping | None = None,
     ):
-        self.path, self.group = Path(path), group
+        self.path, self.group = as_location(path, storage_options), group
         self.schedule = _as_schedule(schedule)
         self.eval_schedule = _as_schedule(eval_schedule) if eval_schedule is not None else None
         self.active = _is_writer_rank()

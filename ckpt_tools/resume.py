@@ -33,8 +33,10 @@ from torch import nn
 
 from ckpt_tools.config import TrainConfig
 from ckpt_tools.store import (
+    Location,
     ResumePoint,
     StoreError,
+    as_location,
     check_group_name,
     committed_count,
     read_group_meta,
@@ -271,7 +273,7 @@ class ResumeStatus:
     intact: bool
 
 
-def resume_status(path: str | Path, group: str = "train") -> ResumeStatus:
+def resume_status(path: str | Path | Location, group: str = "train") -> ResumeStatus:
     """Inspect the run recorded in `group` of the store `path` (reads only).
 
     Raises:
@@ -279,12 +281,12 @@ def resume_status(path: str | Path, group: str = "train") -> ResumeStatus:
             built-in training loop (no configuration to resume from).
     """
     check_group_name(group)
-    path = Path(path)
+    path = as_location(path)
     read_root(path)
     try:
         meta = read_group_meta(path, group)
     except StoreError as exc:
-        if not (path / group / "zarr.json").is_file():
+        if not path.is_file(f"{group}/zarr.json"):
             raise StoreError(f"{path} has no group '{group}' to resume; start the run with "
                              f"ckpt record --out {path}") from exc
         raise
@@ -312,7 +314,7 @@ def resume_status(path: str | Path, group: str = "train") -> ResumeStatus:
     )
 
 
-def _check_overrides(config: TrainConfig, overrides: Mapping, path: Path) -> None:
+def _check_overrides(config: TrainConfig, overrides: Mapping, path: Location) -> None:
     stored = config.to_dict()
     for key, value in overrides.items():
         if key not in stored:
@@ -326,7 +328,7 @@ def _check_overrides(config: TrainConfig, overrides: Mapping, path: Path) -> Non
 
 
 def resume_run(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     group: str = "train",
     overrides: Mapping | None = None,
@@ -353,11 +355,11 @@ def resume_run(
     """
     from ckpt_tools.train import TrainResult, train
 
-    path = Path(path)
+    path = as_location(path)
     status = resume_status(path, group)
     _check_overrides(status.config, overrides or {}, path)
     if status.complete:
-        return TrainResult(path, group, status.config.steps, {})
+        return TrainResult(path.path if path.is_local else path, group, status.config.steps, {})
     return train(
         status.config, path, group=group, overwrite=not status.intact,
         resume=status.intact, on_step=on_step, resume_interval=resume_interval,

@@ -29,7 +29,7 @@ from ckpt_tools.hooks import Hook, LoopState, Mask, Progress, Recording
 from ckpt_tools.recorder import Recorder
 from ckpt_tools.resume import ResumePoints, capture, match_threads, restore
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import check_state_dict, read_resume_point
+from ckpt_tools.store import Location, as_location, check_state_dict, read_resume_point
 
 __all__ = [
     "Hook",
@@ -115,7 +115,7 @@ def evaluate(
 class TrainResult:
     """What a finished `train` call reports."""
 
-    out: Path
+    out: Path | Location  # a local store's path, or the location of one elsewhere
     group: str
     last_step: int
     final_eval: dict[str, float] = field(default_factory=dict)
@@ -190,7 +190,9 @@ def train(
     )
     evals = config.evaluation_schedule()
     attrs = {**config.to_dict(), **dict(extra_attrs or {}), "start_step": start_step}
-    state = LoopState(config, model, opt, data, Path(out), group, start_step, step=start_step)
+    where = as_location(out)
+    out = where.path if where.is_local else where  # a local store keeps its Path
+    state = LoopState(config, model, opt, data, out, group, start_step, step=start_step)
     with ResumePoints(resume_interval) as points, Recorder(
         out, model, schedule or config.checkpoint_schedule(), group=group, config=attrs,
         optimizer=opt, eval_schedule=evals, overwrite=overwrite, resume=resume, codec=codec,
@@ -210,7 +212,7 @@ def train(
             for hook in run_hooks:
                 hook.on_evaluation(state, start_step, metrics)
         _loop(state, run_hooks, points, evals, task=task, device=device)
-    return TrainResult(Path(out), group, state.step, state.last_eval)
+    return TrainResult(out, group, state.step, state.last_eval)
 
 
 def _evaluate(state: LoopState, task: Task | None, device) -> dict[str, float]:

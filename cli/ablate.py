@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.analyses.experiments.perturb import ABLATIONS
 from ckpt_tools.cli.errors import friendly
 from ckpt_tools.cli.imp import PresetName, parse_seeds
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +21,7 @@ Kind.__doc__ = "Ablation kinds (``ckpt_tools.analyses.experiments.perturb.ABLATI
 
 @friendly
 def ablate(
-    store: Annotated[Path, typer.Argument(help="A store with IMP masks (`ckpt imp`), RUN.zarr.")],
+    store: Annotated[str, typer.Argument(help="A store with IMP masks (`ckpt imp`), RUN.zarr; a path or a URL.")],  # noqa: E501
     rewind: Annotated[int, typer.Option(help="Rewind step k of the IMP lineage (run `ckpt imp` with it first).")],  # noqa: E501
     kind: Annotated[list[Kind], typer.Option(help="Ablation to run; repeat for several.")],
     level: Annotated[int | None, typer.Option(help="IMP level whose mask is ablated (default: the highest stored).")] = None,  # noqa: E501
@@ -31,8 +31,10 @@ def ablate(
     eval_schedule: Annotated[str | None, typer.Option(help="Test evaluations of each run (default: the dense run's).")] = None,  # noqa: E501
     preset: Annotated[PresetName | None, typer.Option(help="Sizes: smoke (CI, seconds) or study (Fashion-MNIST ResNet-20); options override it.")] = None,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Ablate the IMP sub-network at step k (signs, magnitudes, permutations, noise, controls)."""
+    store = store_location(store, storage_options)
     from ckpt_tools.analyses.experiments.ablate import PRESETS, AblationSettings, run_ablations
 
     given = {k: v for k, v in {

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.analyses import registry
 from ckpt_tools.cli.dask_progress import track
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -81,7 +81,7 @@ def parse_against(spec: str, store: Path) -> tuple[str, str]:
 
 @friendly
 def analyze(
-    store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
     only: Annotated[list[str] | None, typer.Option("--only", help="Analyses to run, comma-separated or repeated (default: every registered one).")] = None,  # noqa: E501
     group: Annotated[str, typer.Option(help="The recorded history to analyse.")] = "train",
     workers: Annotated[int | None, typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,  # noqa: E501
@@ -90,6 +90,7 @@ def analyze(
     against: Annotated[str | None, typer.Option(help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, or :GROUP for a group of this store.")] = None,  # noqa: E501
     device: Annotated[str, typer.Option(help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device (cuda, cuda:1); chunks are always decoded on the CPU.")] = "cpu",  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Compute the registered analyses of one history and store each in the same store.
 
@@ -97,6 +98,7 @@ def analyze(
     than train), replacing a previous one whole; an interrupted run leaves it intact.
     """
     names = _names(only)
+    store = store_location(store, storage_options)
     if workers is not None and scheduler is not None:
         raise fail("--workers and --scheduler exclude each other; give one", USAGE)
     if workers is not None and workers < 1:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import typer
 
 from ckpt_tools.resume import TrainingInterrupted
-from ckpt_tools.store import StoreError
+from ckpt_tools.store import LocationError, StoreError
 from ckpt_tools.train import TrainingDiverged
 
 __all__ = ["USAGE", "fail", "friendly", "state"]
@@ -55,6 +55,7 @@ def friendly(command: Callable) -> Callable:
             if state.debug:
                 raise
             usage = isinstance(exc, ValueError | KeyError) and not isinstance(exc, _NOT_USAGE)
+            usage = usage or isinstance(exc, LocationError)  # a bucket, credentials, endpoint
             code = USAGE if usage else FAILURE
             message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise fail(message, code) from None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -53,7 +53,7 @@ def _given(**values) -> dict:
 
 @friendly
 def imp(
-    store: Annotated[Path, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr); a path or a URL.")],  # noqa: E501
     levels: Annotated[int | None, typer.Option(help="Pruning levels after the dense level 0.")] = None,  # noqa: E501
     rewind: Annotated[list[int] | None, typer.Option(help="Step k to rewind the survivors to (a stored step); repeat for several.")] = None,  # noqa: E501
     seeds: Annotated[str | None, typer.Option(help="Data-order seeds of the retraining, comma-separated (default: the dense run's).")] = None,  # noqa: E501
@@ -64,8 +64,10 @@ def imp(
     eval_schedule: Annotated[str | None, typer.Option(help="Test evaluations of each level (default: the dense run's).")] = None,  # noqa: E501
     preset: Annotated[PresetName | None, typer.Option(help="Sizes: smoke (CI, seconds) or study (Fashion-MNIST ResNet-20, about an hour); options override it.")] = None,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Find sparse sub-networks by IMP with rewinding to step k; record every level."""
+    store = store_location(store, storage_options)
     from ckpt_tools.analyses.experiments.imp import ImpSettings, run_imp
     from ckpt_tools.analyses.experiments.presets import get_preset
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -26,15 +26,16 @@ def _size(n: int) -> str:
 
 @friendly
 def info(
-    store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Show a store's groups, steps, layers, size on disk, compression ratio and config.
 
     Warns about rows identical to another step's, steps out of order and gaps against
     the schedule.
     """
-    summary = store_info(store)
+    summary = store_info(store_location(store, storage_options))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

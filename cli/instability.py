@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.imp import PresetName, parse_seeds
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -25,7 +25,7 @@ class BnName(StrEnum):
 
 @friendly
 def instability(
-    store: Annotated[Path, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr); a path or a URL.")],  # noqa: E501
     rewind: Annotated[list[int] | None, typer.Option(help="Step k the two copies start from (a stored step); repeat for several.")] = None,  # noqa: E501
     seeds: Annotated[str | None, typer.Option(help="Data-order seeds of the copies, in pairs: 1,2 (default) or 1,2,3,4 for two pairs.")] = None,  # noqa: E501
     points: Annotated[int | None, typer.Option(help="Points on the line between the copies, ends included (default 11).")] = None,  # noqa: E501
@@ -37,8 +37,10 @@ def instability(
     eval_schedule: Annotated[str | None, typer.Option(help="Test evaluations during each copy's training (default: the dense run's).")] = None,  # noqa: E501
     preset: Annotated[PresetName | None, typer.Option(help="Sizes: smoke or study; options override it.")] = None,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Train two copies from step k with different data orders; report the error barrier."""
+    store = store_location(store, storage_options)
     from ckpt_tools.analyses.experiments.instability import (
         InstabilitySettings,
         result_name,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from ckpt_tools.analyses.experiments.pretrain import TASKS
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.imp import PresetName, parse_seeds
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +21,7 @@ TaskName.__doc__ = "Pre-training tasks (``ckpt_tools.analyses.experiments.pretra
 
 @friendly
 def pretrain(
-    store: Annotated[Path, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A store recorded by `ckpt record` (RUN.zarr); a path or a URL.")],  # noqa: E501
     task: Annotated[TaskName, typer.Option(help="Pre-training task; sparse: the IMP sub-network on the real task.")],  # noqa: E501
     steps: Annotated[int | None, typer.Option(help="Pre-training updates.")] = None,
     blur_factor: Annotated[int | None, typer.Option(help="Block size of blur and blur-rotation, in pixels (default 4).")] = None,  # noqa: E501
@@ -35,8 +35,10 @@ def pretrain(
     eval_schedule: Annotated[str | None, typer.Option(help="Test evaluations of each run (default: the dense run's).")] = None,  # noqa: E501
     preset: Annotated[PresetName | None, typer.Option(help="Sizes: smoke (CI, seconds) or study (Fashion-MNIST ResNet-20); options override it.")] = None,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Pre-train on another task (or sparse), then run IMP rewinding to the pre-trained weights."""
+    store = store_location(store, storage_options)
     from ckpt_tools.analyses.experiments.pretrain import PRESETS, PretrainSettings, run_pretrain
 
     given = {k: v for k, v in {

@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ckpt_tools.store import Codec
+from ckpt_tools.store import Codec, Location
 from ckpt_tools.train import TrainConfig, train, with_overrides
 
 __all__ = ["record"]
@@ -40,7 +41,7 @@ _RESUMABLE_OPTIONS = ("model", "dataset", "data_root", "steps", "batch_size", "l
                       "width", "schedule", "eval_schedule", "device")
 
 
-def _resume(ctx: typer.Context, path: Path, *, quiet: bool, interval: float) -> None:
+def _resume(ctx: typer.Context, path: Location, *, quiet: bool, interval: float) -> None:
     from ckpt_tools.resume import resume_run, resume_status
 
     given = {}
@@ -86,12 +87,13 @@ def record(
     schedule: Annotated[str | None, typer.Option(help="Checkpoint schedule: text form (0:100:1,100:1000:10) or preset (dense-early, paper, pythia).")] = None,  # noqa: E501
     eval_schedule: Annotated[str | None, typer.Option(help="Steps at which to evaluate on the test split (sparser).")] = None,  # noqa: E501
     device: Annotated[Device, typer.Option(help="Device to train on.")] = Device.cpu,
-    out: Annotated[Path | None, typer.Option(help="Store to write (default: runs/<model>-<dataset>-s<seed>-<steps>.zarr).")] = None,  # noqa: E501
+    out: Annotated[str | None, typer.Option(help="Store to write: a path or an s3://bucket/prefix/run.zarr URL (default: runs/<model>-<dataset>-s<seed>-<steps>.zarr).")] = None,  # noqa: E501
     overwrite: Annotated[bool, typer.Option(help="Replace an existing recorded history.")] = False,
-    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this store, bit for bit.")] = None,  # noqa: E501
+    resume: Annotated[str | None, typer.Option(help="Continue the interrupted run in this store (a path or a URL), bit for bit.")] = None,  # noqa: E501
     resume_interval: Annotated[float, typer.Option(min=0.0, help="Seconds between resume points (0: after every update).")] = 30.0,  # noqa: E501
     codec: Annotated[Codec, typer.Option(help="How weights are stored: lz4 (lossless, default) or none (uncompressed, least CPU; run `ckpt compact` later).")] = Codec.lz4,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Train a model and record dense checkpoints into a Zarr store.
 
@@ -104,7 +106,8 @@ def record(
         if codec_source is not None and codec_source.name == "COMMANDLINE":
             raise fail("--resume keeps the codec the run was recorded with; drop --codec",
                        USAGE)
-        _resume(ctx, resume, quiet=quiet, interval=resume_interval)
+        _resume(ctx, store_location(resume, storage_options), quiet=quiet,
+                interval=resume_interval)
         return
     if device is Device.cuda:
         import torch
@@ -119,9 +122,9 @@ def record(
     )
     config.checkpoint_schedule()  # malformed schedules fail before any work
     config.evaluation_schedule()
-    out = out or default_out(config)
-    if out == default_out(config):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        default_out(config).parent.mkdir(parents=True, exist_ok=True)
+    out = store_location(out or str(default_out(config)), storage_options)
     with progress_bar(config.steps, f"{config.model} on {config.dataset}") as bar:
         task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
         result = train(

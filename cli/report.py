@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
+
+from ckpt_tools.store import Location
 
 __all__ = ["report"]
 
@@ -24,11 +27,13 @@ DEFAULT_OUT = {Format.html: Path("report.html"), Format.png: Path("report-figure
                Format.svg: Path("report-figures")}
 
 
-def _check_out(out: Path, fmt: Format, stores: list[Path]) -> None:
+def _check_out(out: Path, fmt: Format, stores: list[Location]) -> None:
     """Refuse outputs that would overwrite a store or land in a missing folder."""
     resolved = out.resolve()
     for store in stores:
-        s = store.resolve()
+        if not store.is_local:
+            continue
+        s = store.path.resolve()
         if resolved == s or s in resolved.parents:
             raise fail(f"output {out} would write into the store {store}; choose another -o",
                        USAGE)
@@ -45,16 +50,18 @@ def _check_out(out: Path, fmt: Format, stores: list[Path]) -> None:
 
 @friendly
 def report(
-    stores: Annotated[list[Path], typer.Argument(help="Recorded stores (RUN.zarr); several are overlaid, coloured by run.")],  # noqa: E501
+    stores: Annotated[list[str], typer.Argument(help="Recorded stores (RUN.zarr or URLs); several are overlaid, coloured by run.")],  # noqa: E501
     out: Annotated[Path | None, typer.Option("-o", "--out", help="HTML file to write (default report.html), or with --format png/svg the folder for one file per chart (default report-figures/).")] = None,  # noqa: E501
     fmt: Annotated[Format, typer.Option("--format", help="html: one self-contained page; png/svg: one file per chart plus summary.csv.")] = Format.html,  # noqa: E501
     group: Annotated[str, typer.Option(help="History group to report in every store.")] = "train",  # noqa: E501
     title: Annotated[str | None, typer.Option(help="Page title (default: the run names).")] = None,  # noqa: E501
+    storage_options: StorageOptions = None,
 ) -> None:
     """Draw every available chart of one or more runs, with a summary table."""
     from ckpt_tools.analyses.report import build_report, load_runs, page
 
     out = DEFAULT_OUT[fmt] if out is None else out
+    stores = [store_location(s, storage_options) for s in stores]
     _check_out(out, fmt, stores)
     runs = load_runs(stores, group=group)
     built = build_report(runs, title=title)

@@ -85,3 +85,60 @@ def assert_tensorstore_reads(store: Path, expected: dict | None = None) -> int:
             np.testing.assert_array_equal(bits(theirs), bits(expected[key]), err_msg=key)
         seen += 1
     return seen
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint: moto's server on 127.0.0.1 at a free port, for the session.
+
+    Yields the storage options that reach it (``endpoint_url``, ``key``, ``secret``), with
+    a bucket ``ckpt`` created. Fails (never skips, never falls back to local disk) when
+    moto's server cannot start: `pip install -e .[test]` installs it.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"  # a pipe would fill up and block it
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"moto's S3 server did not start: {log.read_text()[-500:]}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto's S3 server did not answer within 60 s")
+            time.sleep(0.1)
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    import s3fs
+
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("ckpt")
+    try:
+        yield options
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_url(s3_server, request):
+    """A fresh ``s3://ckpt/<test>/run.zarr`` URL on the moto server (nothing there yet)."""
+    import uuid
+
+    return f"s3://ckpt/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}/run.zarr"

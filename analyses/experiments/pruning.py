@@ -33,7 +33,13 @@ import torch
 
 from ckpt_tools import load_state_dict, open_history
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import StoreError, last_evaluations, read_group_meta, read_root
+from ckpt_tools.store import (
+    StoreError,
+    as_location,
+    last_evaluations,
+    read_group_meta,
+    read_root,
+)
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.store.layout import to_json_safe
 from ckpt_tools.tensors import TensorSpec, specs_from_json
@@ -399,7 +405,9 @@ def train_sparse(
                 f"group '{group}' in {store} was recorded with other settings "
                 f"({stored.get('experiment')}); use another store or remove the group"
             )
-        return TrainResult(Path(store), group, config.steps, final_eval(store, group))
+        where = as_location(store)
+        out = where.path if where.is_local else where
+        return TrainResult(out, group, config.steps, final_eval(store, group))
     if isinstance(schedule, str):
         schedule = level_schedule(config, start_step, schedule)
     schedule = schedule or level_schedule(config, start_step)

@@ -17,7 +17,14 @@ import numpy as np
 import xarray as xr
 
 from ckpt_tools import open_history, open_store
-from ckpt_tools.store import StoreError, list_results, read_result, store_info
+from ckpt_tools.store import (
+    Location,
+    StoreError,
+    as_location,
+    list_results,
+    read_result,
+    store_info,
+)
 
 __all__ = ["RESAMPLES", "Experiments", "Run", "gather_experiments", "load_runs"]
 
@@ -62,7 +69,7 @@ class Run:
     """
 
     name: str
-    path: Path
+    path: Location
     group: str
     history: xr.Dataset
     telemetry: xr.Dataset | None
@@ -73,7 +80,7 @@ class Run:
     experiments: Experiments = field(default_factory=Experiments)
 
 
-def _names(paths: Sequence[Path]) -> list[str]:
+def _names(paths: Sequence[Location]) -> list[str]:
     """Store names without ``.zarr``; repeated names get their parent folder prefixed."""
     stems = [p.name.removesuffix(".zarr") or p.name for p in paths]
     return [
@@ -141,7 +148,8 @@ def gather_experiments(path: str | Path) -> Experiments:
 
 
 def load_runs(
-    paths: Sequence[str | Path], *, group: str = "train", names: Sequence[str] | None = None
+    paths: Sequence[str | Path | Location], *, group: str = "train",
+    names: Sequence[str] | None = None,
 ) -> list[Run]:
     """Open each store's history `group` with everything the report draws from the store.
 
@@ -150,10 +158,10 @@ def load_runs(
         ValueError: no store, a store given twice, or `names` not one distinct name per
             store.
     """
-    paths = [Path(p) for p in paths]
+    paths = [as_location(p) for p in paths]
     if not paths:
         raise ValueError("no stores given")
-    resolved = [p.resolve() for p in paths]
+    resolved = [p.path.resolve() if p.is_local else p.url for p in paths]
     for i, p in enumerate(resolved):
         if p in resolved[:i]:
             raise ValueError(f"store {paths[i]} is given twice")

@@ -15,6 +15,7 @@ from ckpt_tools.store.layout import (
     check_group_name,
     check_name,
 )
+from ckpt_tools.store.location import Location, LocationError, as_location, parse_storage_options
 from ckpt_tools.store.lock import GroupLock
 from ckpt_tools.store.reader import (
     committed_count,
@@ -43,8 +44,11 @@ __all__ = [
     "GroupLock",
     "HASH_ARRAY",
     "HistoryWriter",
+    "Location",
+    "LocationError",
     "ResumePoint",
     "StoreError",
+    "as_location",
     "check_group_name",
     "check_model",
     "check_name",
@@ -60,6 +64,7 @@ __all__ = [
     "list_results",
     "open_chunks",
     "open_history",
+    "parse_storage_options",
     "open_tree",
     "read_group_meta",
     "read_result",

@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from ckpt_tools.store.layout import StoreError
+from ckpt_tools.store.location import Location, as_location
 
-__all__ = ["LOCK_NAME", "GroupLock", "holder_of"]
+__all__ = ["LOCK_NAME", "GroupLock", "holder_of", "lock_for"]
 
 LOCK_NAME = ".lock"
 """File name of a group's lock, inside the group's directory."""
@@ -77,7 +78,8 @@ class GroupLock:
             releasing it ({} when the lock was free and clean).
     """
 
-    def __init__(self, group_dir: str | Path, label: str):
+    def __init__(self, group_dir: str | Path | Location, label: str):
+        group_dir = group_dir.path if isinstance(group_dir, Location) else group_dir
         self.path = Path(group_dir) / LOCK_NAME
         self.label = label
         self.recovered: dict = {}
@@ -146,6 +148,9 @@ class GroupLock:
             raise StoreError(f"{self.label} is being written by {_describe(holder)}; "
                              "wait for it to finish or stop it first")
 
+    def check(self) -> None:
+        """Nothing to check: the kernel holds a flock for as long as the process lives."""
+
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
         if self._fd is None:
@@ -167,3 +172,14 @@ class GroupLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def lock_for(group: str | Path | Location, label: str):
+    """The writer lock of a group: `GroupLock` (flock) locally, `LeaseLock` in object storage."""
+    group = as_location(group)
+    group.require_writable()
+    if group.is_local:
+        return GroupLock(group.path, label)
+    from ckpt_tools.store.lease import LeaseLock
+
+    return LeaseLock(group, label)

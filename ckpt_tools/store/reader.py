@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +20,7 @@ from ckpt_tools.store.layout import (
     check_group_name,
     codec_of,
 )
+from ckpt_tools.store.location import Location, as_location, translate
 from ckpt_tools.store.parts import PART_ARRAY
 from ckpt_tools.store.resume import RESUME_ARRAYS
 from ckpt_tools.store.safety import check_store
@@ -40,22 +40,30 @@ __all__ = [
 ]
 
 
-def read_root(path: str | Path) -> zarr.Group:
+def read_root(path: str | Path | Location) -> zarr.Group:
     """Open the root group read-only after checking it is a ckpt-tools store.
+
+    `path` is a local path, a URL or a `Location` (see `ckpt_tools.store.location`).
 
     Raises:
         StoreError: missing path, not a Zarr v3 store, not ours, a newer format, or
             metadata that is damaged or unsafe to decode (see `check_store`).
+        LocationError: a URL whose bucket, credentials or endpoint do not work.
     """
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path} does not exist; pass the path of a recorded store (RUN.zarr)")
-    if not (path / "zarr.json").is_file():
+    path = as_location(path)
+    path.probe()
+    if not path.is_file("zarr.json"):
+        if not path.exists():
+            raise StoreError(f"{path} does not exist; pass the path of a recorded store "
+                             "(RUN.zarr)")
         raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); is it the right path?")
     check_store(path)
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        with translate(path):
+            root = zarr.open_group(path.open_target(read_only=True), mode="r", zarr_format=3)
         meta = root.attrs.get(ATTRS_KEY)
+    except StoreError:
+        raise
     except Exception as exc:  # corrupt or truncated metadata
         raise StoreError(f"{path}: unreadable store metadata ({exc.__class__.__name__})") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
@@ -169,7 +177,7 @@ def _open_kwargs() -> dict:
     return {"engine": "zarr", "chunks": {}, "consolidated": True}
 
 
-def open_tree(path: str | Path) -> xr.DataTree:
+def open_tree(path: str | Path | Location) -> xr.DataTree:
     """Open a whole store lazily (dask) as an `xarray.DataTree`.
 
     Each history group shows only its committed steps.
@@ -177,11 +185,12 @@ def open_tree(path: str | Path) -> xr.DataTree:
     Raises:
         StoreError: if `path` is not a readable ckpt-tools store.
     """
+    path = as_location(path)
     root = read_root(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            tree = xr.open_datatree(os.fspath(path), **_open_kwargs())
+            tree = xr.open_datatree(path.open_target(read_only=True), **_open_kwargs())
         nodes = {}
         for node in tree.subtree:
             ds = node.to_dataset(inherit=False)
@@ -197,15 +206,17 @@ def open_tree(path: str | Path) -> xr.DataTree:
                          f"{_first_line(exc)}); the store is damaged") from exc
 
 
-def open_history(path: str | Path, group: str = "train") -> xr.Dataset:
+def open_history(path: str | Path | Location, group: str = "train") -> xr.Dataset:
     """Open one history group lazily as an `xarray.Dataset` of its committed steps.
 
     Raises:
         StoreError: if the store or the group is missing or not a history.
     """
+    path = as_location(path)
     node = _history_group(path, group)
     try:
-        ds = xr.open_zarr(os.fspath(path), group=group, chunks={}, consolidated=True)
+        ds = xr.open_zarr(path.open_target(read_only=True), group=group, chunks={},
+                          consolidated=True)
         return _committed_only(_fast_reads(ds, node))
     except Exception as exc:  # damaged metadata or chunks of the step/committed arrays
         raise StoreError(f"group '{group}' in {path}: cannot open ({exc.__class__.__name__}: "
@@ -316,11 +327,12 @@ def committed_count(path: str | Path, group: str) -> tuple[bool, int]:
     Raises:
         StoreError: the `committed` flags exist but cannot be read.
     """
-    folder = Path(path) / group
-    if not all((folder / name / "zarr.json").is_file() for name in _HISTORY_ARRAYS):
+    folder = as_location(path).child(group)
+    if not all(folder.is_file(f"{name}/zarr.json") for name in _HISTORY_ARRAYS):
         return False, 0
     try:
-        node = zarr.open_group(str(folder), mode="r", use_consolidated=False)
+        node = zarr.open_group(folder.open_target(read_only=True), mode="r",
+                               use_consolidated=False)
         flags = np.asarray(node["committed"][:], dtype=bool)
     except Exception as exc:  # a damaged chunk of the committed flags
         raise StoreError(f"group '{group}' in {path}: unreadable 'committed' flags "
@@ -328,11 +340,7 @@ def committed_count(path: str | Path, group: str) -> tuple[bool, int]:
     return True, int(flags.sum())
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _group_info(path: Path, name: str) -> dict:
+def _group_info(path: Location, name: str) -> dict:
     node = _history_group(path, name)
     meta = node.attrs[ATTRS_KEY]
     where = f"group '{name}' in {path}"
@@ -341,7 +349,7 @@ def _group_info(path: Path, name: str) -> dict:
     n_params = int(node["params"].shape[1])
     n_buffers = int(node["buffers"].shape[1])
     raw = int(len(steps)) * (n_params + n_buffers) * 4
-    stored = _du(path / name / "params") + _du(path / name / "buffers")
+    stored = path.size(f"{name}/params") + path.size(f"{name}/buffers")
     return {
         "group": name,
         "steps": len(steps),
@@ -363,8 +371,8 @@ def _group_info(path: Path, name: str) -> dict:
 
 def store_info(path: str | Path) -> dict:
     """Summary of a store: its histories with steps, layers, sizes and compression ratio."""
+    path = as_location(path)
     root = read_root(path)
-    path = Path(path)
     groups = []
     for name in history_groups(path):
         try:
@@ -378,6 +386,6 @@ def store_info(path: str | Path) -> dict:
         "path": str(path),
         "format_version": root.attrs[ATTRS_KEY]["format_version"],
         "provenance": {k: v for k, v in root.attrs[ATTRS_KEY].items() if k != "format_version"},
-        "size_on_disk": _du(path),
+        "size_on_disk": path.size(),
         "groups": groups,
     }

@@ -11,6 +11,13 @@ directory inside the store (``.staging/``, no ``zarr.json``, so Zarr, xarray and
 directories (``renameat2(RENAME_EXCHANGE)``; two renames where the file system lacks it),
 and the consolidated metadata is rewritten. An interrupted write leaves the previous
 result as it was; what it left in ``.staging/`` is removed by the next write.
+
+Object storage has no rename. There the result group ``analyses/<name>`` is a pointer:
+the Dataset is written under a fresh prefix ``analyses/<name>/<version>/`` (a new random
+version each time), then one small write of the result group's ``zarr.json`` names it
+(``attrs["ckpt_tools"]["current"]``), the metadata is consolidated, and only then are
+older versions deleted. Readers follow the pointer; until it is written they read the
+previous version, which is still whole.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import datetime as _dt
 import errno
+import json
 import os
 import shutil
 import uuid
@@ -29,7 +37,8 @@ import xarray as xr
 import zarr
 
 from ckpt_tools.store.layout import ATTRS_KEY, StoreError, check_group_name, to_json_safe
-from ckpt_tools.store.lock import GroupLock
+from ckpt_tools.store.location import Location, as_location, translate
+from ckpt_tools.store.lock import lock_for
 from ckpt_tools.store.reader import history_groups, read_root
 from ckpt_tools.store.writer import consolidate
 
@@ -123,8 +132,9 @@ def _swap_into_place(staged: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _ensure_parents(path: Path, target: str) -> None:
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)
+def _ensure_parents(path: Location, target: str) -> None:
+    group = zarr.open_group(path.open_target(read_only=False), mode="r+", zarr_format=3,
+                            use_consolidated=False)
     for part in target.split("/")[:-1]:
         group = group[part] if part in group else group.create_group(part)
         if group.attrs.get(ATTRS_KEY, {}).get("kind") == "analysis":
@@ -132,7 +142,7 @@ def _ensure_parents(path: Path, target: str) -> None:
 
 
 def write_result(
-    path: str | Path,
+    path: str | Path | Location,
     name: str,
     result: xr.Dataset,
     *,
@@ -154,7 +164,8 @@ def write_result(
     """
     from ckpt_tools.provenance import version
 
-    path = Path(path)
+    path = as_location(path)
+    path.require_writable()
     target = result_path(name, group)
     root = read_root(path)
     if group not in history_groups(path):
@@ -166,19 +177,49 @@ def write_result(
                 created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     ds = _plain(result)
     ds.attrs = {**result.attrs, ATTRS_KEY: to_json_safe(meta)}
-    with GroupLock(path / RESULTS, f"the results of {path}"):
-        staging = path / _STAGING
+    with lock_for(path.child(RESULTS), f"the results of {path}"):
+        if not path.is_local:
+            _publish(path, target, ds)
+            return target
+        staging = path.path / _STAGING
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of interrupted writes
         staging.mkdir()
         staged = staging / uuid.uuid4().hex
         try:
             ds.to_zarr(os.fspath(staged), mode="w-", zarr_format=3, consolidated=False)
             _ensure_parents(path, target)
-            _swap_into_place(staged, path / target)
+            _swap_into_place(staged, path.path / target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         consolidate(path)
     return target
+
+
+def _publish(path: Location, target: str, ds: xr.Dataset) -> None:
+    """Object storage: write `ds` under a fresh version prefix, then point `target` at it."""
+    version = f"v{uuid.uuid4().hex}"
+    with translate(path):
+        ds.to_zarr(path.child(f"{target}/{version}").zarr_store(read_only=False), mode="w-",
+                   zarr_format=3, consolidated=False)
+        _ensure_parents(path, target)
+        pointer = {"zarr_format": 3, "node_type": "group", "attributes": {
+            ATTRS_KEY: {**ds.attrs[ATTRS_KEY], "current": version}}}
+        path.fs.pipe_file(f"{path.fs_path}/{target}/zarr.json", json.dumps(pointer).encode())
+        consolidate(path)
+        old = [e for e, is_dir in path.child(target).listdir() if is_dir and e != version]
+        for entry in old:  # older versions and what interrupted writes left
+            path.remove(f"{target}/{entry}", recursive=True)
+        if old:
+            consolidate(path)
+
+
+def _data_group(root: zarr.Group, target: str) -> str:
+    """Where a result's arrays are: the result group, or the version its pointer names."""
+    current = root[target].attrs.get(ATTRS_KEY, {}).get("current")
+    if current is None:
+        return target
+    check_group_name(current)
+    return f"{target}/{current}"
 
 
 def read_result(path: str | Path, name: str, *, group: str = _DEFAULT_GROUP) -> xr.Dataset:
@@ -193,7 +234,10 @@ def read_result(path: str | Path, name: str, *, group: str = _DEFAULT_GROUP) -> 
         stored = ", ".join(r["path"] for r in list_results(path)) or "none"
         raise StoreError(f"{path} has no result '{target}' (stored: {stored}); run "
                          "`ckpt analyze` first")
-    with xr.open_zarr(os.fspath(path), group=target, consolidated=False, chunks=None) as ds:
+    path = as_location(path)
+    with translate(path), xr.open_zarr(path.open_target(read_only=True),
+                                       group=_data_group(root, target), consolidated=False,
+                                       chunks=None) as ds:
         return ds.load()
 
 

@@ -38,6 +38,7 @@ from ckpt_tools.store.layout import (
     lossless_compressor,
     to_json_safe,
 )
+from ckpt_tools.store.location import Location, as_location
 
 __all__ = [
     "RESUME_ARRAYS",
@@ -132,7 +133,7 @@ def clear_resume_point(group: zarr.Group) -> None:
             del group[name]
 
 
-def read_group_meta(path: str | Path, group: str) -> dict:
+def read_group_meta(path: str | Path | Location, group: str) -> dict:
     """The group's ``ckpt_tools`` attributes, read from its own ``zarr.json``.
 
     Unlike the consolidated copy, this is never stale: writers update it first.
@@ -141,9 +142,10 @@ def read_group_meta(path: str | Path, group: str) -> dict:
         StoreError: the group is missing or its metadata is unreadable.
     """
     check_group_name(group)
-    meta_file = Path(path) / group / "zarr.json"
+    path = as_location(path)
+    meta_file = path.child(f"{group}/zarr.json")
     try:
-        doc = json.loads(meta_file.read_text())
+        doc = json.loads(path.read_bytes(f"{group}/zarr.json").decode())
     except FileNotFoundError:
         raise StoreError(f"{path} has no group '{group}'") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -154,7 +156,7 @@ def read_group_meta(path: str | Path, group: str) -> dict:
     return meta
 
 
-def read_resume_point(path: str | Path, group: str = "train") -> ResumePoint | None:
+def read_resume_point(path: str | Path | Location, group: str = "train") -> ResumePoint | None:
     """The latest resume point of a history group, or None if it has none.
 
     Raises:
@@ -171,7 +173,8 @@ def read_resume_point(path: str | Path, group: str = "train") -> ResumePoint | N
         info = dict(pointer.get("info") or {})
         if slot not in range(_SLOTS) or step < 0:
             raise ValueError(slot)
-        node = zarr.open_group(str(Path(path) / group), mode="r", use_consolidated=False)
+        node = zarr.open_group(as_location(path).child(group).open_target(read_only=True),
+                               mode="r", use_consolidated=False)
         values = {name: np.asarray(node[name][slot]) for name in RESUME_ARRAYS}
     except Exception as exc:  # any damage to the pointer or the slot arrays
         raise StoreError(f"{where} is unreadable ({exc.__class__.__name__}); "

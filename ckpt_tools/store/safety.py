@@ -4,17 +4,18 @@ A Zarr store is metadata (JSON) plus chunks decoded by the codecs that metadata 
 Opening one is safe when every metadata document is JSON, every codec is a known,
 data-only codec (none can run code, as a pickle codec would), and no name or link in it
 addresses anything outside the store's directory. `check_store` walks the hierarchy's
-metadata (not the chunks) and raises `StoreError` on the first violation.
+metadata (not the chunks) and raises `StoreError` on the first violation; on object
+storage it walks the same keys by listing prefixes (there are no links there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from ckpt_tools.store.layout import StoreError
+from ckpt_tools.store.location import Location, as_location
 
 __all__ = ["SAFE_CODECS", "SAFE_DATA_TYPES", "check_store", "load_metadata"]
 
@@ -38,21 +39,27 @@ SAFE_DATA_TYPES = frozenset({
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-def load_metadata(meta_file: Path) -> dict:
-    """Parse one ``zarr.json``.
+def load_metadata(meta_file: Path, location: Location | None = None) -> dict:
+    """Parse one ``zarr.json`` (`meta_file` relative to `location` when one is given).
 
     Raises:
         StoreError: unreadable, not JSON, or not a Zarr v3 node.
     """
     try:
-        doc = json.loads(meta_file.read_bytes())
+        raw = (location.read_bytes(meta_file.as_posix()) if location is not None
+               else meta_file.read_bytes())
+        doc = json.loads(raw)
+    except StoreError:
+        raise
     except (OSError, ValueError) as exc:
-        raise StoreError(f"{meta_file}: metadata is not valid JSON ({exc.__class__.__name__}); "
+        where = location.child(meta_file.as_posix()) if location is not None else meta_file
+        raise StoreError(f"{where}: metadata is not valid JSON ({exc.__class__.__name__}); "
                          "the store is damaged") from None
     if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") not in (
         "group", "array"
     ):
-        raise StoreError(f"{meta_file}: not Zarr v3 metadata; the store is damaged")
+        where = location.child(meta_file.as_posix()) if location is not None else meta_file
+        raise StoreError(f"{where}: not Zarr v3 metadata; the store is damaged")
     return doc
 
 
@@ -90,23 +97,24 @@ def _check_key(key: object, where: str) -> None:
                          "digits, '_', '-', '.'); refusing a name that could leave the store")
 
 
-def _inside(path: Path, root: Path, where: str) -> None:
-    if path.is_symlink():
+def _inside(path: Path, root: Path | None, where: str) -> None:
+    if root is not None and path.is_symlink():
         target = path.resolve()
         if target != root and root not in target.parents:
             raise StoreError(f"{where}: {path.name} links outside the store ({target})")
 
 
-def check_store(path: str | Path) -> dict:
+def check_store(path: str | Path | Location) -> dict:
     """Check every metadata document of the store at `path`; return the root's.
 
     Raises:
         StoreError: a document is not JSON, names an unsafe codec or data type, or a
             member name or symbolic link leads outside the store.
     """
-    root = Path(path)
-    real_root = root.resolve()
-    root_doc = load_metadata(root / "zarr.json")
+    loc = as_location(path)
+    root = Path(loc.url) if not loc.is_local else loc.path
+    real_root = loc.path.resolve() if loc.is_local else None
+    root_doc = load_metadata(Path("zarr.json"), loc)
     if root_doc["node_type"] != "group":
         raise StoreError(f"{root} is a Zarr array, not a store of groups")
     consolidated = root_doc.get("consolidated_metadata")
@@ -121,29 +129,29 @@ def check_store(path: str | Path) -> dict:
                 raise StoreError(f"{where}: malformed consolidated metadata")
             if doc.get("node_type") == "array":
                 _check_array(doc, where)
-    stack = [root]
+    stack = [Path()]
     while stack:
         group = stack.pop()
         try:
-            entries = list(os.scandir(group))
+            entries = loc.listdir(group.as_posix() if group.parts else "")
         except OSError as exc:
-            raise StoreError(f"{group}: unreadable ({exc.strerror})") from None
-        for entry in entries:
-            child = Path(entry.path)
-            _inside(child, real_root, str(group))
+            raise StoreError(f"{root / group}: unreadable ({exc.strerror or exc})") from None
+        for name, is_dir in entries:
+            child = group / name
+            _inside(root / child, real_root, str(root / group))
             meta_file = child / "zarr.json"
-            if not entry.is_dir() or not meta_file.is_file():
+            if not is_dir or not loc.is_file(meta_file.as_posix()):
                 continue
-            _check_key(entry.name, str(group))
+            _check_key(name, str(root / group))
             try:
-                doc = load_metadata(meta_file)
+                doc = load_metadata(meta_file, loc)
             except StoreError:
-                if not meta_file.exists():  # removed while we looked (a writer at work)
+                if not loc.exists(meta_file.as_posix()):  # removed while we looked (a writer)
                     continue
                 raise
             if doc["node_type"] == "group":
                 stack.append(child)
             else:
-                _check_array(doc, str(meta_file))
-                _inside(child / "c", real_root, str(child))
+                _check_array(doc, str(root / meta_file))
+                _inside(root / child / "c", real_root, str(root / child))
     return root_doc

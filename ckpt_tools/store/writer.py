@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import time
@@ -43,7 +44,8 @@ from ckpt_tools.store.layout import (
     time_major,
     to_json_safe,
 )
-from ckpt_tools.store.lock import LOCK_NAME, GroupLock
+from ckpt_tools.store.location import Location, as_location, translate
+from ckpt_tools.store.lock import LOCK_NAME, GroupLock, lock_for
 from ckpt_tools.store.parts import mark_parts, ready_rows, start_session
 from ckpt_tools.store.resume import ResumePoint, clear_resume_point, write_resume_point
 from ckpt_tools.store.safety import check_store
@@ -55,12 +57,28 @@ _SCALAR_CHUNK = 4096
 _STALE_PARTIAL_S = 60.0  # a metadata write takes milliseconds; older temp files are orphans
 
 
-def consolidate(path: str | Path) -> None:
+def consolidate(path: str | Path | Location) -> None:
     """Rewrite the consolidated metadata that lets xarray open the store in one read.
 
-    Writers of different groups of one store take turns (a lock on the store directory),
-    so none overwrites the root metadata with a listing read before another's change.
+    Writers of different groups of one store take turns (a lock on the store directory;
+    in object storage a short-lived lock object), so none overwrites the root metadata
+    with a listing read before another's change.
     """
+    loc = as_location(path)
+    if not loc.is_local:
+        from ckpt_tools.store.lease import LeaseLock
+
+        turn = LeaseLock(loc, f"the metadata of {loc}", lease_s=60.0, renew=False,
+                         name=".consolidate.lock")
+        turn.acquire(wait_s=120.0)
+        try:
+            with warnings.catch_warnings(), translate(loc):
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(loc.zarr_store(read_only=False))
+        finally:
+            turn.release()
+        return
+    path = loc.path
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):  # file systems without flock: best effort
@@ -89,20 +107,26 @@ def remove_partials(directory: Path, *, min_age_s: float = 0.0) -> int:
     return removed
 
 
-def _only_leftovers(directory: Path) -> bool:
-    return all(p.name == LOCK_NAME or p.name.endswith(".partial") for p in directory.iterdir())
+def _only_leftovers(directory: Location) -> bool:
+    if directory.is_local and not directory.path.is_dir():
+        return False
+    return all(name.endswith(LOCK_NAME) or name.endswith(".partial")
+               for name, _ in directory.listdir())
 
 
-def open_root_for_writing(path: str | Path, root_attrs: Mapping) -> zarr.Group:
+def open_root_for_writing(path: str | Path | Location, root_attrs: Mapping) -> zarr.Group:
     """Open (or create) the store at `path` for writing, checking it is one of ours.
 
     Raises:
         StoreError: if `path` exists but is not a ckpt-tools store, or its parent is missing.
+        LocationError: a read-only URL, or a bucket, credentials or endpoint that fail.
     """
-    path = Path(path)
+    path = as_location(path)
+    path.require_writable()
+    path.probe()
     if path.exists():
-        if not (path / "zarr.json").is_file():
-            if not (path.is_dir() and _only_leftovers(path)):
+        if not path.is_file("zarr.json"):
+            if not _only_leftovers(path):
                 raise StoreError(
                     f"{path} exists and is not a ckpt-tools store; choose a new --out path"
                 )
@@ -114,16 +138,21 @@ def open_root_for_writing(path: str | Path, root_attrs: Mapping) -> zarr.Group:
             if int(meta["format_version"]) > FORMAT_VERSION:
                 raise StoreError(f"{path} has store format {meta['format_version']}, newer "
                                  f"than this ckpt-tools writes ({FORMAT_VERSION}); upgrade it")
-            remove_partials(path, min_age_s=_STALE_PARTIAL_S)
-            return zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)
-    if not path.parent.is_dir():
-        raise StoreError(f"directory {path.parent} does not exist; create it first")
+            if path.is_local:
+                remove_partials(path.path, min_age_s=_STALE_PARTIAL_S)
+            with translate(path):
+                return zarr.open_group(path.open_target(read_only=False), mode="r+",
+                                       zarr_format=3, use_consolidated=False)
+    if path.is_local and not path.path.parent.is_dir():
+        raise StoreError(f"directory {path.path.parent} does not exist; create it first")
     # The root's attributes go into its first metadata write: a crash never leaves a root
     # that does not say it is a ckpt-tools store.
     attrs = to_json_safe({"format_version": FORMAT_VERSION, **root_attrs})
     try:
-        return zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={ATTRS_KEY: attrs})
-    except FileExistsError:
+        with translate(path):
+            return zarr.open_group(path.open_target(read_only=False), mode="w-", zarr_format=3,
+                                   attributes={ATTRS_KEY: attrs})
+    except (FileExistsError, zarr.errors.ContainsGroupError):
         raise StoreError(f"{path} was created by another process just now; try again") from None
 
 
@@ -150,8 +179,9 @@ class HistoryWriter:
         StoreError: the group's layout is incomplete (its creation was interrupted).
     """
 
-    def __init__(self, root_path: Path, group: zarr.Group, lock: GroupLock | None = None):
-        self.root_path = Path(root_path)
+    def __init__(self, root_path: str | Path | Location, group: zarr.Group,
+                 lock: GroupLock | None = None):
+        self.root_path = as_location(root_path)
         self.group = group
         self.lock = lock
         meta = group.attrs[ATTRS_KEY]
@@ -214,6 +244,7 @@ class HistoryWriter:
         codec = check_codec(codec)
         if not isinstance(chunk_steps, int) or chunk_steps < 1:
             raise StoreError(f"chunk_steps must be a positive integer, not {chunk_steps!r}")
+        path = as_location(path)
         root = open_root_for_writing(path, root_attrs)
         # A store keeps the layout of the format it was created with, so readers of that
         # format still read every group of it.
@@ -223,9 +254,9 @@ class HistoryWriter:
                       "it or --resume to continue it")
         if name in root and not overwrite:
             raise StoreError(exists_msg)
-        lock = GroupLock(Path(path) / name, f"group '{name}' in {path}").acquire()
+        lock = lock_for(path.child(name), f"group '{name}' in {path}").acquire()
         try:
-            group = cls._fresh_group(root, Path(path), name, overwrite=overwrite,
+            group = cls._fresh_group(root, path, name, overwrite=overwrite,
                                      exists_msg=exists_msg, attrs={
                 **attrs,
                 "kind": "history",
@@ -236,34 +267,40 @@ class HistoryWriter:
             })
             cls._create_arrays(group, steps, params, buffers, eval_steps, layout)
             consolidate(path)
-            return cls(Path(path), group, lock)
+            return cls(path, group, lock)
         except BaseException:
             lock.release()
             raise
 
     @staticmethod
     def _fresh_group(
-        root: zarr.Group, path: Path, name: str, *, overwrite: bool, exists_msg: str,
+        root: zarr.Group, path: Location, name: str, *, overwrite: bool, exists_msg: str,
         attrs: Mapping,
     ) -> zarr.Group:
         # Under the group's lock: replace or create the group, its attributes first, so a
         # crash right after leaves a group that says what it was meant to hold.
-        folder = path / name
-        if folder.is_symlink():
+        folder = path.child(name)
+        if folder.is_local and folder.path.is_symlink():
             raise StoreError(f"{folder} is a symbolic link; refusing to write through it")
         if name in root:
             if not overwrite:
                 raise StoreError(exists_msg)
-            for entry in folder.iterdir():
-                if entry.name == LOCK_NAME:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        elif folder.is_dir() and not _only_leftovers(folder):
+            if folder.is_local:
+                for entry in folder.path.iterdir():
+                    if entry.name == LOCK_NAME:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            else:
+                for entry, _ in folder.listdir():
+                    if entry != LOCK_NAME:
+                        folder.remove(entry, recursive=True)
+        elif folder.exists() and not _only_leftovers(folder):
             raise StoreError(f"{folder} exists and is not a Zarr group; move it away first")
-        remove_partials(folder)
+        if folder.is_local:
+            remove_partials(folder.path)
         return root.create_group(name, attributes={ATTRS_KEY: to_json_safe(attrs)})
 
     @classmethod
@@ -336,19 +373,21 @@ class HistoryWriter:
                 writer holds the group.
         """
         check_group_name(name)
+        path = as_location(path)
         root = open_root_for_writing(path, {})
         if name not in root:
             raise StoreError(f"{path} has no group '{name}' to resume")
-        folder = Path(path) / name
-        if folder.is_symlink():
+        folder = path.child(name)
+        if folder.is_local and folder.path.is_symlink():
             raise StoreError(f"{folder} is a symbolic link; refusing to write through it")
-        lock = GroupLock(folder, f"group '{name}' in {path}").acquire()
+        lock = lock_for(folder, f"group '{name}' in {path}").acquire()
         try:
             group = root[name]
             if group.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
                 raise StoreError(f"group '{name}' in {path} is not a recorded history")
-            remove_partials(folder)
-            return cls(Path(path), group, lock)
+            if folder.is_local:
+                remove_partials(folder.path)
+            return cls(path, group, lock)
         except BaseException:
             lock.release()
             raise
@@ -365,14 +404,16 @@ class HistoryWriter:
             StoreError: if the group is missing or not a history.
         """
         check_group_name(name)
+        path = as_location(path)
         try:
-            group = zarr.open_group(str(Path(path) / name), mode="r+", zarr_format=3,
-                                    use_consolidated=False)
+            with translate(path):
+                group = zarr.open_group(path.child(name).open_target(read_only=False), mode="r+",
+                                        zarr_format=3, use_consolidated=False)
         except FileNotFoundError:
             raise StoreError(f"{path} has no group '{name}'") from None
         if group.attrs.get(ATTRS_KEY, {}).get("kind") != "history":
             raise StoreError(f"group '{name}' in {path} is not a recorded history")
-        return cls(Path(path), group, None)
+        return cls(path, group, None)
 
     def start_session(self, world: int) -> int:
         """Prepare per-rank flags for `world` ranks and return a new session number.
@@ -464,6 +505,12 @@ class HistoryWriter:
         `columns` (chunk-aligned `(start, stop)` runs of `param`), `params` holds only
         those runs, concatenated, and only they are written; `buffers=None` writes none.
         """
+        if not self.root_path.is_local:
+            # An object store's client session lives on zarr's own event loop: write
+            # through it, from the caller's executor.
+            await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                self.write_rows, start, params, buffers, grad_norm, scalars, columns=columns))
+            return
         writes = self._row_writes(start, params, buffers, grad_norm, scalars, columns)
         await asyncio.gather(*(a.async_array.setitem(rows, v) for a, rows, v in writes))
 
@@ -520,6 +567,8 @@ class HistoryWriter:
         rows = np.asarray(rows)
         if rows.size == 0:
             return
+        if self.lock is not None:
+            self.lock.check()  # a writer whose lease was taken over must not commit
         lo, hi = int(rows.min()), int(rows.max()) + 1
         flags = np.asarray(self._committed[lo:hi], dtype=bool)
         flags[rows - lo] = True
