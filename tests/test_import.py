@@ -164,6 +164,10 @@ def test_sharded_pytorch_bin_with_hand_written_index(tmp_path):
         for shard, keys in shards.items():
             torch.save({k: state[k] for k in keys}, folder / shard)
         index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
+        # A stale copy of a tensor in a shard the index does not assign it to is ignored.
+        stale = {**{k: state[k] for k in shards["pytorch_model-00002-of-00002.bin"]},
+                 names[0]: state[names[0]] + 1}
+        torch.save(stale, folder / "pytorch_model-00002-of-00002.bin")
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     out = tmp_path / "run.zarr"
     result = runner.invoke(app, ["import", *(str(tmp_path / f"step{s}") for s in (20, 0, 10)),

@@ -283,12 +283,16 @@ class OpenCheckpoint:
 
     def _open_file(self, path: Path) -> None:
         where = self.ckpt.label if len(self.ckpt.files) == 1 else f"{path} of {self.ckpt.label}"
+        # With an index, a shard contributes only the tensors the index assigns to it.
+        keep = (None if self.ckpt.index is None
+                else {n for n, shard in self.ckpt.index if shard == path})
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
                 handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                names = list(handle.keys())
+                stored = handle.keys()  # a list, not a mapping view
+                names = [n for n in stored if keep is None or n in keep]
                 infos = [self._safe_info(handle, n) for n in names]
             except (SafetensorError, OSError, ValueError) as exc:
                 raise CheckpointError(f"{where} is not a safetensors file "
@@ -298,6 +302,8 @@ class OpenCheckpoint:
             self.table.extend(infos)
             return
         state, step, key = _state_dict(_torch_load(path, where), where)
+        if keep is not None:
+            state = {n: t for n, t in state.items() if n in keep}
         if step is not None and self.step is None:
             self.step, self.step_from = step, key
         self._torch.update(state)
@@ -321,8 +327,6 @@ class OpenCheckpoint:
             if name not in held:
                 raise CheckpointError(f"{self.ckpt.label}: the index puts '{name}' in "
                                       f"{shard.name}, which does not hold it")
-        # Tensors in a shard that the index does not list are not part of the model.
-        self.table = [i for i in self.table if i.name in where]
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor `name`, in its own dtype."""
