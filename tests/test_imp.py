@@ -267,7 +267,7 @@ def test_rewind_step_not_stored_is_one_line_and_changes_nothing(tiny_copy):
     assert result.output.strip().splitlines() == [
         f"error: rewind step 23 is not stored in 'train' of {tiny_copy}; nearest stored "
         "steps: 19, 20, 25"]
-    assert not (tiny_copy / "imp").exists()
+    assert not (tiny_copy / "experiments" / "imp").exists()
 
 
 def test_cli_needs_levels_and_rewind_without_a_preset(tiny_copy):

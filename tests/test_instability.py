@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from ckpt_tools.analyses.experiments.instability import (
+    PREFIX,
     InstabilitySettings,
     copy_group,
     error_barrier,
@@ -91,18 +92,18 @@ def test_copies_start_at_k_and_differ_by_data_order(smoke):
     for k in SMOKE.rewind_steps:
         finals = []
         for seed in SMOKE.seeds:
-            h = open_history(smoke, copy_group("instability", k, seed))
+            h = open_history(smoke, copy_group(PREFIX, k, seed))
             assert int(h.step[0]) == k
             np.testing.assert_array_equal(h.params.values[0], dense.params.sel(step=k).values)
             assert h.attrs["ckpt_tools"]["config"]["data_seed"] == seed
             finals.append(h.params.values[-1])
         assert not np.array_equal(*finals)
         # the path's ends, with the stored BatchNorm statistics, are the copies themselves
-        a, b = (load_state_dict(smoke, config.steps, group=copy_group("instability", k, s))
+        a, b = (load_state_dict(smoke, config.steps, group=copy_group(PREFIX, k, s))
                 for s in SMOKE.seeds)
         ends = path_metrics(config, a, b, [0.0, 1.0], bn="interpolate")["test_error"]
         for end, seed in zip(ends, SMOKE.seeds, strict=True):
-            acc = final_eval(smoke, copy_group("instability", k, seed))["test_accuracy"]
+            acc = final_eval(smoke, copy_group(PREFIX, k, seed))["test_accuracy"]
             assert end == pytest.approx(1 - acc)
 
 
@@ -121,7 +122,7 @@ def test_rewind_step_not_stored_is_one_line(tiny_copy):
     assert result.exit_code == 1
     assert "nearest stored steps: 19, 20, 25" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    assert not (tiny_copy / "instability").exists()
+    assert not (tiny_copy / "experiments" / "instability").exists()
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -147,7 +148,7 @@ def test_masked_copies_keep_the_imp_mask(tiny_copy):
     assert result.attrs["level"] == 1
     row = mask_to_row(mask, specs)
     for seed in settings.seeds:
-        params = open_history(tiny_copy, copy_group("instability/level_1", 5, seed)).params
+        params = open_history(tiny_copy, copy_group(f"{PREFIX}/level_1", 5, seed)).params
         assert np.all(params.values[:, ~row] == 0.0)
     xr_result = read_instability(tiny_copy, level=1)
     np.testing.assert_array_equal(xr_result.barrier.values, result.barrier.values)

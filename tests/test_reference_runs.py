@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckpt_tools.analyses.experiments import compat
 from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
@@ -46,8 +47,8 @@ def digests(store: Path, group: str) -> dict[str, str]:
 
 
 def legacy_name(group: str) -> str:
-    """The path the reference gives `group` (today's layout and the earlier one agree)."""
-    return group
+    """The path the reference gives `group`: its path in the layout it was recorded in."""
+    return compat.legacy_name(group) or group
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -237,7 +237,7 @@ def _train_one(store, config, settings, start, kind, alpha, condition, level, se
     attrs = {
         "kind": "ablation", "ablation": kind, "alpha": alpha, "condition": condition,
         "rewind_step": settings.rewind, "level": level, "seed": seed,
-        "mask_group": mask_group(settings.rewind, seed), "remaining": kept / total,
+        "mask_group": mask_group(settings.rewind, seed, store=store), "remaining": kept / total,
     }
     return train_sparse(
         store, config, group=ablation_group(condition, settings.rewind, level, seed),

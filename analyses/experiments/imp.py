@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from ckpt_tools.analyses.experiments.compat import legacy_name, locate
 from ckpt_tools.analyses.experiments.pruning import (
     DENSE_GROUP,
     SUMMARY,
@@ -47,7 +48,7 @@ from ckpt_tools.train import TrainResult
 
 __all__ = ["ImpSettings", "imp_summary", "output_weight", "read_summary", "run_imp"]
 
-_MASKS_RE = re.compile(r"^imp/rewind_(\d+)/seed_(\d+)/masks$")
+_MASKS_RE = re.compile(r"^(?:experiments/)?imp/rewind_(\d+)/seed_(\d+)/masks$")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def run_imp(
     stored = {}
     for k in settings.rewind_steps:
         for seed in seeds:
-            found = stored[k, seed] = mask_store.read_masks(store, mask_group(k, seed))
+            found = stored[k, seed] = mask_store.read_masks(store, mask_group(k, seed, store=store))
             wanted = {**pruning, "rewind_step": k, "seed": seed}
             if found is not None and {n: found.settings.get(n) for n in wanted} != wanted:
                 raise StoreError(
@@ -177,7 +178,7 @@ def run_imp(
                     mask = prune({n: final[n] for n in prunable}, settings.fraction,
                                  mask=mask, scope=settings.scope, exclude=pruning["exclude"])
                     write_mask(store, k, level, seed, mask, settings=lineage)
-                group = previous = level_group(k, level, seed)
+                group = previous = level_group(k, level, seed, store=store)
                 if history_complete(store, group):
                     continue
                 if on_level is not None:
@@ -188,7 +189,7 @@ def run_imp(
                     store, retrain, group=group, init=rewound, start_step=k, mask=mask,
                     schedule=settings.schedule,
                     attrs={"kind": "imp", **lineage, "level": level,
-                           "mask_group": mask_group(k, seed)},
+                           "mask_group": mask_group(k, seed, store=store)},
                     on_step=on_step,
                 )
                 if on_done is not None:
@@ -199,7 +200,7 @@ def run_imp(
 
 
 def _dense_group(store: str | Path) -> str | None:
-    for group in ("train", DENSE_GROUP):
+    for group in ("train", locate(store, DENSE_GROUP)):
         if history_complete(store, group):
             return group
     return None
@@ -216,16 +217,18 @@ def imp_summary(store: str | Path) -> xr.Dataset:
         the dense run, repeated for every rewind step and seed; levels not (yet) pruned
         or trained are NaN. Attributes: ``dense_test_accuracy``, ``dense_group``.
     """
-    found = (_MASKS_RE.match(g) for g in mask_store.mask_groups(store, "imp"))
+    found = (_MASKS_RE.match(g) for under in ("experiments/imp", legacy_name("experiments/imp/"))
+             for g in mask_store.mask_groups(store, under.rstrip("/")))
     lineages = sorted({(int(m[1]), int(m[2])) for m in found if m})
     rewinds = sorted({k for k, _ in lineages})
     seeds = sorted({s for _, s in lineages})
-    masks = {(k, s): mask_store.read_masks(store, mask_group(k, s)) for k, s in lineages}
+    masks = {(k, s): mask_store.read_masks(store, mask_group(k, s, store=store))
+             for k, s in lineages}
     n_levels = max((m.masks.shape[0] for m in masks.values()), default=1)
     shape = (len(rewinds), n_levels, len(seeds))
     values = {v: np.full(shape, np.nan) for v in ("remaining", "test_accuracy", "test_loss")}
     dense_group = _dense_group(store)
-    levels = {(k, level, seed): level_group(k, level, seed)
+    levels = {(k, level, seed): level_group(k, level, seed, store=store)
               for k, seed in lineages for level in range(1, n_levels)}
     levels = {key: g for key, g in levels.items() if history_complete(store, g)}
     evaluations = last_evaluations(store, [*([dense_group] if dense_group else []),

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 import xarray as xr
+from ckpt_tools.analyses.experiments.compat import locate
 from ckpt_tools.analyses.experiments.pruning import (
     check_rewind_steps,
     dense_config,
@@ -52,6 +53,8 @@ __all__ = [
     "result_name",
     "run_instability",
 ]
+
+PREFIX = "experiments/instability"  # every instability group lives below it
 
 BnMode = Literal["recompute", "interpolate"]
 
@@ -108,13 +111,18 @@ class InstabilitySettings:
 
     @property
     def prefix(self) -> str:
-        """Group prefix: ``instability`` (dense) or ``instability/level_<n>`` (masked)."""
-        return "instability" if self.level is None else f"instability/level_{self.level}"
+        """Group prefix: ``experiments/instability`` (dense) or ``.../level_<n>`` (masked)."""
+        return PREFIX if self.level is None else f"{PREFIX}/level_{self.level}"
 
 
-def copy_group(prefix: str, rewind: int, seed: int) -> str:
-    """History group of the copy trained from step `rewind` with data seed `seed`."""
-    return f"{prefix}/rewind_{rewind}/seed_{seed}"
+def copy_group(prefix: str, rewind: int, seed: int, *, store: str | Path | None = None) -> str:
+    """History group of the copy trained from step `rewind` with data seed `seed`.
+
+    With `store`, the group as that store holds it (`compat.locate`: older stores keep
+    these groups at ``instability/...``).
+    """
+    group = f"{prefix}/rewind_{rewind}/seed_{seed}"
+    return group if store is None else locate(store, group)
 
 
 def result_name(level: int | None = None) -> str:
@@ -260,7 +268,7 @@ def run_instability(
         start = load_state_dict(store, k)
         finals = {}
         for seed in dict.fromkeys(settings.seeds):
-            group = copy_group(settings.prefix, k, seed)
+            group = copy_group(settings.prefix, k, seed, store=store)
             if not history_complete(store, group) and on_copy is not None:
                 on_copy(k, seed)
             train_sparse(

@@ -290,7 +290,7 @@ def _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step
     train_sparse(store, real, group=group, init=start, start_step=0, mask=mask,
                  schedule=settings.schedule,
                  attrs=_attrs(settings, seed, "sparse", level=level, remaining=_remaining(
-                     mask, prunable), mask_group=mask_group(k, seed)), on_step=on_step)
+                     mask, prunable), mask_group=mask_group(k, seed, store=store)), on_step=on_step)
 
 
 def _without_hint(exc: Exception) -> str:

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from ckpt_tools.analyses.experiments.compat import locate
 
 from ckpt_tools import load_state_dict, open_history
 from ckpt_tools.schedule import Schedule
@@ -68,18 +69,27 @@ __all__ = [
 ]
 
 Scope = Literal["global", "layer"]
-DENSE_GROUP = "imp/dense"
+DENSE_GROUP = "experiments/imp/dense"
 SUMMARY = "imp_summary"  # result name: the summary lives at analyses/imp_summary
 
 
-def level_group(rewind: int, level: int, seed: int) -> str:
-    """History group of IMP level `level` (>= 1) rewound to step `rewind`, data seed `seed`."""
-    return f"imp/rewind_{rewind}/seed_{seed}/level_{level}"
+def level_group(rewind: int, level: int, seed: int, *, store: str | Path | None = None) -> str:
+    """History group of IMP level `level` (>= 1) rewound to step `rewind`, data seed `seed`.
+
+    With `store`, the group as that store holds it (`compat.locate`: older stores keep
+    IMP groups at ``imp/...``).
+    """
+    group = f"experiments/imp/rewind_{rewind}/seed_{seed}/level_{level}"
+    return group if store is None else locate(store, group)
 
 
-def mask_group(rewind: int, seed: int) -> str:
-    """Mask group of the IMP lineage rewound to step `rewind` with data seed `seed`."""
-    return f"imp/rewind_{rewind}/seed_{seed}/masks"
+def mask_group(rewind: int, seed: int, *, store: str | Path | None = None) -> str:
+    """Mask group of the IMP lineage rewound to step `rewind` with data seed `seed`.
+
+    With `store`, the group as that store holds it (see `level_group`).
+    """
+    group = f"experiments/imp/rewind_{rewind}/seed_{seed}/masks"
+    return group if store is None else locate(store, group)
 
 
 # -- pruning --------------------------------------------------------------------------------
@@ -210,7 +220,7 @@ def write_mask(
     """
     specs = param_table(store)
     mask_store.write_mask_row(
-        store, mask_group(rewind, seed), level, mask_to_row(mask, specs),
+        store, mask_group(rewind, seed, store=store), level, mask_to_row(mask, specs),
         params=specs, settings=settings,
     )
 
@@ -224,7 +234,7 @@ def read_mask(store: str | Path, rewind: int, level: int, seed: int) -> dict[str
     Raises:
         StoreError: no such lineage or level (the message lists the stored levels).
     """
-    row, specs = mask_store.read_mask_row(store, mask_group(rewind, seed), level)
+    row, specs = mask_store.read_mask_row(store, mask_group(rewind, seed, store=store), level)
     return mask_from_row(row, specs)
 
 
@@ -284,18 +294,19 @@ def dense_source(
 
     When ``train`` stops before ``config.steps`` (an interrupted recording), the dense
     network is trained on from its last stored step, with the same learning-rate
-    schedule and data order and a fresh optimizer, into ``imp/dense`` (``train`` is
+    schedule and data order and a fresh optimizer, into ``experiments/imp/dense`` (``train`` is
     left as it is).
     """
     config = dense_config(store)
     if history_complete(store, "train"):
         return config, "train"
     last = int(stored_steps(store)[-1])
+    dense = locate(store, DENSE_GROUP)
     train_sparse(
-        store, config, group=DENSE_GROUP, init=load_state_dict(store, last), start_step=last,
+        store, config, group=dense, init=load_state_dict(store, last), start_step=last,
         mask=None, attrs={"kind": "dense", "continued_from": last}, on_step=on_step,
     )
-    return config, DENSE_GROUP
+    return config, dense
 
 
 # -- recorded runs of masked networks -------------------------------------------------------
