@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 from ckpt_tools.analyses._history import as_history, buffer_table, param_table
 
+from ckpt_tools.schedule import nearest
 from ckpt_tools.store import StoreError
 from ckpt_tools.tensors import TensorSpec, split_row
 
@@ -96,9 +97,8 @@ class CkptAccessor:
         stored = np.asarray(ds["step"].values)
         hits = np.flatnonzero(stored == step)
         if not hits.size:
-            near = stored[np.argsort(np.abs(stored - step), kind="stable")[:3]]
             raise StoreError(f"step {step} is not in this history; nearest: "
-                             f"{', '.join(str(s) for s in sorted(near)) or 'none'}")
+                             f"{', '.join(map(str, nearest(stored, step))) or 'none'}")
         row = ds.isel(step=int(hits[0]))
         return {**split_row(np.asarray(row["params"].values), param_table(ds)),
                 **split_row(np.asarray(row["buffers"].values), buffer_table(ds))}

@@ -23,12 +23,12 @@ import bisect
 import json
 import operator
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from types import MappingProxyType
 
-__all__ = ["MAX_STEP", "MAX_STEPS", "PRESETS", "Schedule"]
+__all__ = ["MAX_STEP", "MAX_STEPS", "PRESETS", "Schedule", "nearest"]
 
 MAX_STEPS = 10_000_000  # a typo such as 0:10000000000:1 must not exhaust memory
 MAX_STEP = 2**63 - 1  # steps are stored as int64 coordinates downstream
@@ -204,17 +204,7 @@ class Schedule:
         Ties in distance go to the earlier step. Fewer than ``k`` are returned only when
         the schedule holds fewer than ``k`` steps.
         """
-        step, k = operator.index(step), operator.index(k)
-        if k < 0:
-            raise ValueError(f"k must be non-negative, got {k}")
-        steps = self.steps
-        lo = hi = bisect.bisect_left(steps, step)  # the answer is the window steps[lo:hi]
-        while hi - lo < k and (lo > 0 or hi < len(steps)):
-            if hi == len(steps) or (lo > 0 and step - steps[lo - 1] <= steps[hi] - step):
-                lo -= 1
-            else:
-                hi += 1
-        return steps[lo:hi]
+        return nearest(self.steps, step, k)
 
     def __contains__(self, step: object) -> bool:
         return step in self._members
@@ -307,3 +297,22 @@ def _compact_text(steps: tuple[int, ...]) -> str:
             parts.append(str(steps[i]))
             i += 1
     return ",".join(parts)
+
+
+def nearest(steps: Sequence[int], step: int, k: int = 3) -> tuple[int, ...]:
+    """The ``k`` steps of the increasing `steps` nearest to `step`, in increasing order.
+
+    Ties in distance go to the earlier step; fewer than ``k`` only when `steps` holds
+    fewer. Every "nearest stored steps" message uses it (`Schedule.nearest`).
+    """
+    step, k = operator.index(step), operator.index(k)
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k}")
+    steps = [int(s) for s in steps]
+    lo = hi = bisect.bisect_left(steps, step)  # the answer is the window steps[lo:hi]
+    while hi - lo < k and (lo > 0 or hi < len(steps)):
+        if hi == len(steps) or (lo > 0 and step - steps[lo - 1] <= steps[hi] - step):
+            lo -= 1
+        else:
+            hi += 1
+    return tuple(steps[lo:hi])

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import typer
 from ckpt_tools.cli import (
-    ablate,
     analyze,
     compact,
+    experiment,
     export,
-    imp,
     importer,
     info,
-    instability,
-    pretrain,
     record,
     report,
+    study,
 )
 from ckpt_tools.cli.errors import state
 
@@ -24,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text renders literally (rich would turn `:100:` into an emoji)
 )
 
 
@@ -39,9 +38,7 @@ app.command("info")(info.info)
 app.command("compact")(compact.compact)
 app.command("analyze")(analyze.analyze)
 app.command("report")(report.report)
-app.command("imp")(imp.imp)
-app.command("instability")(instability.instability)
-app.command("ablate")(ablate.ablate)
-app.command("pretrain")(pretrain.pretrain)
+app.command("study")(study.study)
 app.command("import")(importer.import_series)
 app.command("export")(export.export)
+experiment.add_commands(app)  # one command per registered experiment (generated)

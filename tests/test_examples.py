@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted(p for p in (Path(__file__).parents[1] / "examples").glob("[0-9]*.py")
-                  if p.name != "03_reproduce_early_phase.py")  # tests/test_study.py runs it
+                  if p.name != "03_reproduce_early_phase.py")  # test_study.py runs it
 
 
 def test_examples_are_found():

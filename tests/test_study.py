@@ -1,7 +1,7 @@
-"""The reproduction study (examples/03_reproduce_early_phase.py) end to end at its smoke size.
+"""The reproduction study (`ckpt study`, examples/03) end to end at its smoke size.
 
-The script runs every `ckpt` command of the study on the tiny digits run, then summarises
-each claim from the store; the tests check the summary against the stored results.
+The study runs every `ckpt` command on the tiny digits run, then summarises each claim
+from the store; the tests check the summary against the stored results.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from ckpt_tools.analyses.experiments.pretrain import read_pretrain_summary
 
 from ckpt_tools.store import read_result
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "03_reproduce_early_phase.py"
+CKPT = [sys.executable, "-c", "from ckpt_tools.cli import main; main()"]
+EXAMPLE = Path(__file__).parents[1] / "examples" / "03_reproduce_early_phase.py"
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    run = subprocess.run([sys.executable, str(SCRIPT), str(out), "--size", "smoke"],
+    # the example calls the library function `ckpt study` calls, at the smoke size
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(out), "smoke"],
                          capture_output=True, text=True, timeout=900, cwd=out)
     assert run.returncode == 0, f"study failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return out, json.loads((out / "summary.json").read_text()), run.stdout
@@ -100,7 +102,7 @@ def test_sub_phase_windows_average_the_stored_telemetry(study):
 
 
 def test_dry_run_prints_the_commands_without_running_them(tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "x"), "--size",
+    run = subprocess.run([*CKPT, "study", str(tmp_path / "x"), "--size",
                           "cifar10", "--device", "cuda", "--dry-run"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -112,13 +114,10 @@ def test_dry_run_prints_the_commands_without_running_them(tmp_path):
 
 
 def test_the_reproduction_page_shows_the_committed_summary():
-    """docs/reproduction.md's measured table is what the script renders from the committed
+    """docs/reproduction.md's measured table is what the study renders from the committed
     summary of the Fashion-MNIST study."""
-    import importlib.util
+    from ckpt_tools.analyses.experiments import study_summary as study
 
-    spec = importlib.util.spec_from_file_location("study", SCRIPT)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
     docs = Path(__file__).parents[1] / "docs"
     summary = json.loads((docs / "reproduction" / "fashion-mnist-summary.json").read_text())
     page = (docs / "reproduction.md").read_text()
@@ -129,7 +128,7 @@ def test_the_reproduction_page_shows_the_committed_summary():
 
 
 def test_summary_only_without_a_study_says_so_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none"), "--summary-only"],
+    run = subprocess.run([*CKPT, "study", str(tmp_path / "none"), "--summary-only"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr.startswith("error: cannot summarise") and len(run.stderr.splitlines()) == 1

@@ -30,6 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+from ckpt_tools.analyses.experiments.contract import (
+    Experiment,
+    Progress,
+    SummaryTable,
+    parse_seeds,
+    setting,
+)
 from ckpt_tools.analyses.experiments.imp import read_summary
 from ckpt_tools.analyses.experiments.perturb import ABLATIONS, Start
 from ckpt_tools.analyses.experiments.pruning import (
@@ -53,7 +60,7 @@ from ckpt_tools.store import (
 from ckpt_tools.train import TrainResult
 
 __all__ = [
-    "PRESETS",
+    "EXPERIMENT",
     "SUMMARY",
     "AblationSettings",
     "ablation_group",
@@ -65,14 +72,6 @@ __all__ = [
 
 SUMMARY = "ablate_summary"  # result name: the summary lives at analyses/ablate_summary
 
-PRESETS: dict[str, dict] = {
-    "smoke": {"schedule": "0:41:10", "alphas": (0.5, 2.0)},
-    "study": {"eval_schedule": "400", "alphas": (0.5, 1.0, 2.0)},
-}
-"""`--preset` values of `AblationSettings` fields, for the dense runs that
-`ckpt_tools.analyses.experiments.presets` sizes. Study: one ablated run of ResNet-20 on
-Fashion-MNIST from k = 100 is 700 updates and 2 evaluations, about 4 minutes on 2 CPU cores, so one
-panel (5 to 6 kinds x 2 IMP seeds) takes about 40 minutes."""
 _GROUP_RE = re.compile(r"^experiments/ablate/(.+)/rewind_(\d+)/level_(\d+)/seed_(\d+)$")
 
 
@@ -90,13 +89,26 @@ class AblationSettings:
         eval_schedule: Test evaluations of each run; None: the dense run's.
     """
 
-    rewind: int
-    kinds: tuple[str, ...]
-    level: int | None = None
-    seeds: tuple[int, ...] | None = None
-    alphas: tuple[float, ...] = (1.0,)
-    schedule: str | None = None
-    eval_schedule: str | None = None
+    rewind: int = setting(
+        help="Rewind step k of the IMP lineage (run `ckpt imp` with it first).")
+    kinds: tuple[str, ...] = setting(
+        option="--kind", choices=tuple(sorted(ABLATIONS)),
+        help="Ablation to run; repeat for several.")
+    level: int | None = setting(
+        None, help="IMP level whose mask is ablated (default: the highest stored).")
+    seeds: tuple[int, ...] | None = setting(
+        None, parse=parse_seeds,
+        help="Data seeds, comma-separated, one IMP lineage each (default: every lineage "
+        "stored).")
+    alphas: tuple[float, ...] = setting(
+        (1.0,), option="--alpha",
+        help="Noise scale of --kind noise, in layer standard deviations (default 1); repeat "
+        "for several.")
+    schedule: str | None = setting(
+        None, help="Checkpoint schedule of each run, clipped to k..end (default: 21 evenly "
+        "spaced steps).")
+    eval_schedule: str | None = setting(
+        None, help="Test evaluations of each run (default: the dense run's).")
 
     def __post_init__(self):
         if not self.kinds:
@@ -166,11 +178,8 @@ def _mask(store: str | Path, rewind: int, level: int, seed: int) -> dict[str, np
     try:
         return read_mask(store, rewind, level, seed)
     except StoreError as exc:
-        message = str(exc).removesuffix("; run `ckpt imp` first")
-        raise StoreError(
-            f"{message}; run `ckpt imp {store} --rewind {rewind} --levels {level} "
-            f"--seeds {seed}` first"
-        ) from None
+        raise exc.with_hint(f"run `ckpt imp {store} --rewind {rewind} --levels {level} "
+                            f"--seeds {seed}` first") from None
 
 
 def run_ablations(
@@ -302,3 +311,38 @@ def read_ablation_summary(store: str | Path) -> xr.Dataset:
         StoreError: none stored (run ``ckpt ablate`` first).
     """
     return read_result(store, SUMMARY)
+
+
+def _run(store: Path, settings: AblationSettings, progress: Progress) -> xr.Dataset:
+    summary = run_ablations(
+        store, settings, on_run=lambda c, s: progress(f"rewind {settings.rewind}: {c}, seed {s}"))
+    return summary.sel(rewind_step=settings.rewind)
+
+
+def _describe(summary: xr.Dataset, settings: AblationSettings) -> SummaryTable:
+    rows = []
+    for c in summary.kind.values:
+        for n in summary.level.values:
+            for s in summary.seed.values:
+                cell = summary.sel(kind=c, level=n, seed=s)
+                acc = float(cell.test_accuracy)
+                if acc == acc:  # conditions not run are NaN
+                    rows.append((str(c), str(n), str(s), f"{float(cell.remaining):.4f}",
+                                 f"{acc:.4f}"))
+    return SummaryTable("ablations (final test accuracy)",
+                        ("kind", "level", "seed", "remaining", "test accuracy"), rows)
+
+
+def _presets() -> dict:
+    from ckpt_tools.analyses.experiments.presets import PRESETS
+
+    return {name: preset.ablate for name, preset in PRESETS.items()}
+
+
+EXPERIMENT = Experiment(
+    name="ablate",
+    help="Ablate the IMP sub-network at step k (signs, magnitudes, permutations, noise, "
+    "controls).",
+    settings=AblationSettings, run=_run, summary=ablation_summary, summary_name=SUMMARY,
+    presets=_presets, describe=_describe,
+)

@@ -23,6 +23,13 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from ckpt_tools.analyses.experiments.compat import legacy_name, locate
+from ckpt_tools.analyses.experiments.contract import (
+    Experiment,
+    Progress,
+    SummaryTable,
+    parse_seeds,
+    setting,
+)
 from ckpt_tools.analyses.experiments.pruning import (
     DENSE_GROUP,
     SUMMARY,
@@ -46,7 +53,14 @@ from ckpt_tools.store import masks as mask_store
 from ckpt_tools.tensors import TensorSpec
 from ckpt_tools.train import TrainResult
 
-__all__ = ["ImpSettings", "imp_summary", "output_weight", "read_summary", "run_imp"]
+__all__ = [
+    "EXPERIMENT",
+    "ImpSettings",
+    "imp_summary",
+    "output_weight",
+    "read_summary",
+    "run_imp",
+]
 
 _MASKS_RE = re.compile(r"^(?:experiments/)?imp/rewind_(\d+)/seed_(\d+)/masks$")
 
@@ -68,14 +82,25 @@ class ImpSettings:
         eval_schedule: Test-set evaluations of each level; None: the dense run's.
     """
 
-    levels: int
-    rewind_steps: tuple[int, ...]
-    seeds: tuple[int, ...] | None = None
-    fraction: float = 0.2
-    scope: Scope = "global"
-    exclude_output: bool = False
-    schedule: str | None = None
-    eval_schedule: str | None = None
+    levels: int = setting(help="Pruning levels after the dense level 0.")
+    rewind_steps: tuple[int, ...] = setting(
+        option="--rewind",
+        help="Step k to rewind the survivors to (a stored step); repeat for several.")
+    seeds: tuple[int, ...] | None = setting(
+        None, parse=parse_seeds,
+        help="Data-order seeds of the retraining, comma-separated (default: the dense run's).")
+    fraction: float = setting(
+        0.2, help="Fraction of the surviving weights pruned per level (default 0.2).")
+    scope: Scope = setting(
+        "global", help="global: one threshold across layers; layer: the same fraction per layer.")
+    exclude_output: bool = setting(
+        False, flag="--exclude-output/--include-output",
+        help="Never prune the output layer (default: include it).")
+    schedule: str | None = setting(
+        None, help="Checkpoint schedule of each level, clipped to k..end (default: 21 evenly "
+        "spaced steps).")
+    eval_schedule: str | None = setting(
+        None, help="Test evaluations of each level (default: the dense run's).")
 
     def __post_init__(self):
         if self.levels < 1:
@@ -275,3 +300,38 @@ def read_summary(store: str | Path) -> xr.Dataset:
         if "has no result" not in str(exc):
             raise
         raise StoreError(f"{store} holds no IMP results; run `ckpt imp` first") from None
+
+
+def _run(store: Path, settings: ImpSettings, progress: Progress) -> xr.Dataset:
+    return run_imp(store, settings,
+                   on_level=lambda k, s, n: progress(f"rewind {k}, seed {s}: level {n}"))
+
+
+def _describe(summary: xr.Dataset, settings: ImpSettings) -> SummaryTable:
+    rows = []
+    for k in summary.rewind_step.values:
+        for s in summary.seed.values:
+            for n in summary.level.values:
+                cell = summary.sel(rewind_step=k, seed=s, level=n)
+                acc, rem = float(cell.test_accuracy), float(cell.remaining)
+                if rem == rem:  # levels never pruned in this lineage are NaN
+                    rows.append((str(k), str(s), str(n), f"{rem:.4f}",
+                                 "-" if acc != acc else f"{acc:.4f}"))
+    return SummaryTable(
+        "IMP summary (final test accuracy)",
+        ("rewind", "seed", "level", "remaining", "test accuracy"), rows,
+        f"summary stored in analyses/{SUMMARY} ({summary.sizes['level'] - 1} levels)")
+
+
+def _presets() -> dict:
+    from ckpt_tools.analyses.experiments.presets import PRESETS
+
+    return {name: vars(preset.imp) for name, preset in PRESETS.items()}
+
+
+EXPERIMENT = Experiment(
+    name="imp",
+    help="Find sparse sub-networks by IMP with rewinding to step k; record every level.",
+    settings=ImpSettings, run=_run, summary=imp_summary, summary_name=SUMMARY,
+    presets=_presets, describe=_describe,
+)

@@ -27,6 +27,13 @@ import numpy as np
 import torch
 import xarray as xr
 from ckpt_tools.analyses.experiments.compat import locate
+from ckpt_tools.analyses.experiments.contract import (
+    Experiment,
+    Progress,
+    SummaryTable,
+    parse_seeds,
+    setting,
+)
 from ckpt_tools.analyses.experiments.pruning import (
     check_rewind_steps,
     dense_config,
@@ -43,6 +50,7 @@ from ckpt_tools.store import StoreError, read_result, write_result
 from ckpt_tools.train import TrainConfig, build, evaluate
 
 __all__ = [
+    "EXPERIMENT",
     "InstabilitySettings",
     "copy_group",
     "error_barrier",
@@ -79,15 +87,27 @@ class InstabilitySettings:
         eval_schedule: Evaluations during each copy's training; None: the dense run's.
     """
 
-    rewind_steps: tuple[int, ...]
-    seeds: tuple[int, ...] = (1, 2)
-    points: int = 11
-    bn: BnMode = "recompute"
-    bn_batches: int = 10
-    level: int | None = None
-    imp_seed: int | None = None
-    schedule: str | None = None
-    eval_schedule: str | None = None
+    rewind_steps: tuple[int, ...] = setting(
+        option="--rewind",
+        help="Step k the two copies start from (a stored step); repeat for several.")
+    seeds: tuple[int, ...] = setting(
+        (1, 2), parse=parse_seeds,
+        help="Data-order seeds of the copies, in pairs: 1,2 (default) or 1,2,3,4 for two pairs.")
+    points: int = setting(
+        11, help="Points on the line between the copies, ends included (default 11).")
+    bn: BnMode = setting(
+        "recompute", help="recompute (default): re-estimate BatchNorm statistics at every "
+        "point; interpolate: interpolate them.")
+    bn_batches: int = setting(
+        10, help="Training batches used to re-estimate BatchNorm statistics (default 10).")
+    level: int | None = setting(
+        None, help="Train the IMP sub-network of this level instead of the dense network.")
+    imp_seed: int | None = setting(
+        None, help="Seed of the IMP lineage holding that mask (default: the dense run's).")
+    schedule: str | None = setting(
+        None, help="Checkpoint schedule of each copy, clipped to k..end.")
+    eval_schedule: str | None = setting(
+        None, help="Test evaluations during each copy's training (default: the dense run's).")
 
     def __post_init__(self):
         if not self.rewind_steps:
@@ -324,3 +344,37 @@ def _merge(store, level: int | None, new: xr.Dataset) -> xr.Dataset:
     keep = old.drop_sel(rewind_step=[k for k in new.rewind_step.values
                                      if k in old.rewind_step.values])
     return xr.concat([keep, new], dim="rewind_step").sortby("rewind_step")
+
+
+def _run(store: Path, settings: InstabilitySettings, progress: Progress) -> xr.Dataset:
+    return run_instability(store, settings,
+                           on_copy=lambda k, s: progress(f"rewind {k}: copy with seed {s}"))
+
+
+def _describe(result: xr.Dataset, settings: InstabilitySettings) -> SummaryTable:
+    rows = []
+    for k in result.rewind_step.values:
+        for p in result.pair.values:
+            cell = result.sel(rewind_step=k, pair=p)
+            err = cell.test_error.values
+            rows.append((str(k), f"{int(cell.seed_a)},{int(cell.seed_b)}",
+                         f"{err[0]:.4f} / {err[-1]:.4f}", f"{err.max():.4f}",
+                         f"{float(cell.barrier):.4f}"))
+    return SummaryTable(
+        "instability: test error barrier along the linear path",
+        ("rewind", "seeds", "error at ends", "max error", "barrier"), rows,
+        f"result stored in analyses/{result_name(settings.level)}")
+
+
+def _presets() -> dict:
+    from ckpt_tools.analyses.experiments.presets import PRESETS
+
+    return {name: vars(preset.instability) for name, preset in PRESETS.items()}
+
+
+EXPERIMENT = Experiment(
+    name="instability",
+    help="Train two copies from step k with different data orders; report the error barrier.",
+    settings=InstabilitySettings, run=_run, summary=lambda store: read_instability(store),
+    summary_name=result_name(None), presets=_presets, describe=_describe,
+)

@@ -1,4 +1,4 @@
-"""Experiment sizes: `--preset smoke` (CI, seconds) and `--preset study` (about an hour).
+"""Experiment sizes, all in one place: `--preset smoke` (CI, seconds) and `--preset study`.
 
 Each preset names the dense run it is sized for (record it with the `ckpt record` line in
 ``docs/experiments.md``) and the settings of the experiments run from it. Options given
@@ -17,10 +17,21 @@ about an hour. Each level prunes 40% rather than the paper's 20%, so that four l
 reach 13% of the weights (20% would need nine). Instability: 4 rewind steps x 2 copies,
 (800 + 775 + 700 + 400) x 2 = 5,350 steps = 22 min, 10 evaluations = 4 min, and 9 points
 x 4 steps x 26 s (evaluation and BatchNorm re-estimation) = 16 min: about 42 min.
+Ablations: one ablated run from k = 100 is 700 updates and 2 evaluations, about 4 minutes,
+so one panel (5 to 6 kinds x 2 IMP seeds) takes about 40 minutes. Pre-training: one dense
+task is 100 pre-training updates and 3 real-task runs of 800 updates (levels 0-2, 36% of
+the weights left at level 2, as IMP level 2), about 14 minutes; ``sparse`` (IMP mask of
+level 2, rewind 0) about 5 minutes; so the five tasks and ``sparse`` take about an hour
+and a quarter.
+
+The ablation and pre-training sizes are partial settings (the command line gives the
+rewind step and kinds, or the task); each experiment checks them against its settings'
+fields (`ckpt_tools.analyses.experiments.contract.Experiment.preset_values`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -42,6 +53,8 @@ class Preset:
         record: The dense run the sizes assume (``ckpt record`` with these values).
         imp: The IMP experiment (``ckpt imp``).
         instability: The instability experiment (``ckpt instability``).
+        ablate: `AblationSettings` values (``ckpt ablate``; with ``--rewind`` and ``--kind``).
+        pretrain: `PretrainSettings` values (``ckpt pretrain``; with ``--task``).
     """
 
     name: str
@@ -49,6 +62,8 @@ class Preset:
     record: TrainConfig
     imp: ImpSettings
     instability: InstabilitySettings
+    ablate: Mapping[str, object]
+    pretrain: Mapping[str, object]
 
 
 _TINY = TrainConfig(
@@ -69,6 +84,8 @@ PRESETS = MappingProxyType({
         instability=InstabilitySettings(
             rewind_steps=(0, 5), seeds=(1, 2), points=5, bn_batches=2, schedule="0:41:10",
         ),
+        ablate=MappingProxyType({"schedule": "0:41:10", "alphas": (0.5, 2.0)}),
+        pretrain=MappingProxyType({"steps": 5, "levels": 1, "schedule": "0:41:10"}),
     ),
     "study": Preset(
         name="study",
@@ -82,6 +99,11 @@ PRESETS = MappingProxyType({
             rewind_steps=(0, 25, 100, 400), seeds=(1, 2), points=9, bn_batches=10,
             eval_schedule="800",
         ),
+        ablate=MappingProxyType({"eval_schedule": "400", "alphas": (0.5, 1.0, 2.0)}),
+        pretrain=MappingProxyType({
+            "steps": 100, "levels": 2, "seeds": (0,), "fraction": 0.4, "exclude_output": True,
+            "eval_schedule": "400",
+        }),
     ),
 })
 """Presets by name."""

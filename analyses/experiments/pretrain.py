@@ -39,6 +39,13 @@ import numpy as np
 import torch
 import xarray as xr
 from ckpt_tools.analyses.experiments import pretext
+from ckpt_tools.analyses.experiments.contract import (
+    Experiment,
+    Progress,
+    SummaryTable,
+    parse_seeds,
+    setting,
+)
 from ckpt_tools.analyses.experiments.imp import output_weight
 from ckpt_tools.analyses.experiments.pruning import (
     Scope,
@@ -66,7 +73,7 @@ from ckpt_tools.store import masks as mask_store
 from ckpt_tools.train import TrainConfig, build
 
 __all__ = [
-    "PRESETS",
+    "EXPERIMENT",
     "SUMMARY",
     "TASKS",
     "PretrainSettings",
@@ -81,17 +88,6 @@ __all__ = [
 TASKS = (*pretext.PRETEXT_TASKS, "sparse")
 SUMMARY = "pretrain_summary"  # result name: the summary lives at analyses/pretrain_summary
 
-PRESETS: dict[str, dict] = {
-    "smoke": {"steps": 5, "levels": 1, "schedule": "0:41:10"},
-    "study": {"steps": 100, "levels": 2, "seeds": (0,), "fraction": 0.4,
-              "exclude_output": True, "eval_schedule": "400"},
-}
-"""`--preset` values of `PretrainSettings` fields, for the dense runs that
-`ckpt_tools.analyses.experiments.presets` sizes (pruning as that preset's IMP). Study: one dense
-task is 100 pre-training updates and 3 real-task runs of 800 updates (levels 0-2, 36% of
-the weights left at level 2, as IMP level 2), about 14 minutes on 2 CPU cores; ``sparse``
-(IMP mask of level 2, rewind 0) about 5 minutes; so the five tasks and ``sparse`` take
-about an hour and a quarter."""
 _GROUP_RE = re.compile(r"^experiments/pretrain/(.+)/steps_(\d+)/seed_(\d+)/(pretrain|level_(\d+))$")
 
 
@@ -117,18 +113,31 @@ class PretrainSettings:
             the dense run's.
     """
 
-    task: str
-    steps: int
-    seeds: tuple[int, ...] | None = None
-    levels: int = 1
-    rewind: int = 0
-    blur_factor: int = 4
-    subset_fraction: float = 0.1
-    fraction: float = 0.2
-    scope: Scope = "global"
-    exclude_output: bool = False
-    schedule: str | None = None
-    eval_schedule: str | None = None
+    task: str = setting(
+        choices=TASKS, help="Pre-training task; sparse: the IMP sub-network on the real task.")
+    steps: int = setting(help="Pre-training updates.")
+    seeds: tuple[int, ...] | None = setting(
+        None, parse=parse_seeds, help="Data seeds, comma-separated (default: the dense run's).")
+    levels: int = setting(
+        1, help="IMP levels after pre-training; for sparse, the level of the IMP mask "
+        "(default 1).")
+    rewind: int = setting(
+        0, help="sparse: the IMP lineage (rewind step) whose mask is pre-trained (default 0).")
+    blur_factor: int = setting(
+        4, help="Block size of blur and blur-rotation, in pixels (default 4).")
+    subset_fraction: float = setting(
+        0.1, help="Fraction of the training split kept by subset (default 0.1).")
+    fraction: float = setting(
+        0.2, help="Fraction of the surviving weights pruned per level (default 0.2).")
+    scope: Scope = setting(
+        "global", help="global: one threshold across layers; layer: the same fraction per layer.")
+    exclude_output: bool = setting(
+        False, flag="--exclude-output/--include-output",
+        help="Never prune the output layer (default: include it).")
+    schedule: str | None = setting(
+        None, help="Checkpoint schedule of each run (default: 21 evenly spaced steps).")
+    eval_schedule: str | None = setting(
+        None, help="Test evaluations of each run (default: the dense run's).")
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -278,10 +287,8 @@ def _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step
     try:
         imp_mask = read_mask(store, k, level, seed)
     except StoreError as exc:
-        raise StoreError(
-            f"{_without_hint(exc)}; sparse pre-training needs the IMP mask: run `ckpt imp "
-            f"{store} --rewind {k} --levels {level} --seeds {seed}` first"
-        ) from None
+        raise exc.with_hint(f"sparse pre-training needs the IMP mask: run `ckpt imp {store} "
+                            f"--rewind {k} --levels {level} --seeds {seed}` first") from None
     mask = {n: imp_mask[n] for n in prunable}
     start = _pretrained(store, settings, seed, pre, state_0, mask, None, on_run, on_step)
     group = pretrain_group(settings, seed, f"level_{level}")
@@ -291,10 +298,6 @@ def _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step
                  schedule=settings.schedule,
                  attrs=_attrs(settings, seed, "sparse", level=level, remaining=_remaining(
                      mask, prunable), mask_group=mask_group(k, seed, store=store)), on_step=on_step)
-
-
-def _without_hint(exc: Exception) -> str:
-    return str(exc).removesuffix("; run `ckpt imp` first")
 
 
 def _remaining(mask: Mapping[str, np.ndarray] | None, prunable: list[str]) -> float:
@@ -369,3 +372,38 @@ def read_pretrain_summary(store: str | Path) -> xr.Dataset:
     """
     return read_result(store, SUMMARY)
 
+
+
+def _run(store: Path, settings: PretrainSettings, progress: Progress) -> xr.Dataset:
+    return run_pretrain(store, settings, on_run=lambda g, s: progress(f"training {g}"))
+
+
+def _describe(summary: xr.Dataset, settings: PretrainSettings) -> SummaryTable:
+    rows = []
+    for t in summary.task.values:
+        for n in summary.pretrain_steps.values:
+            for level in summary.level.values:
+                for s in summary.seed.values:
+                    cell = summary.sel(task=t, pretrain_steps=n, level=level, seed=s)
+                    acc = float(cell.test_accuracy)
+                    if acc == acc:  # conditions not run are NaN
+                        rows.append((str(t), str(n), str(level), str(s),
+                                     f"{float(cell.remaining):.4f}", f"{acc:.4f}"))
+    return SummaryTable(
+        "pre-training, then IMP (final test accuracy)",
+        ("task", "pre-training steps", "level", "seed", "remaining", "test accuracy"), rows)
+
+
+def _presets() -> dict:
+    from ckpt_tools.analyses.experiments.presets import PRESETS
+
+    return {name: preset.pretrain for name, preset in PRESETS.items()}
+
+
+EXPERIMENT = Experiment(
+    name="pretrain",
+    help="Pre-train on another task (or sparse), then run IMP rewinding to the pre-trained "
+    "weights.",
+    settings=PretrainSettings, run=_run, summary=pretrain_summary, summary_name=SUMMARY,
+    presets=_presets, describe=_describe,
+)

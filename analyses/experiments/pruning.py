@@ -33,7 +33,7 @@ import torch
 from ckpt_tools.analyses.experiments.compat import locate
 
 from ckpt_tools import load_state_dict, open_history
-from ckpt_tools.schedule import Schedule
+from ckpt_tools.schedule import Schedule, nearest
 from ckpt_tools.store import (
     StoreError,
     as_location,
@@ -256,10 +256,9 @@ def check_rewind_steps(
     steps = stored_steps(store, group)
     for k in rewinds:
         if k not in steps:
-            near = steps[np.argsort(np.abs(steps - k), kind="stable")[:3]]
             raise StoreError(
                 f"rewind step {k} is not stored in '{group}' of {store}; nearest stored "
-                f"steps: {', '.join(str(s) for s in sorted(near)) or 'none'}"
+                f"steps: {', '.join(map(str, nearest(steps, k))) or 'none'}"
             )
         if k >= config.steps:
             raise ValueError(f"rewind step {k} must be before the run's last step {config.steps}")

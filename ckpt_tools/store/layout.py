@@ -74,8 +74,23 @@ class Codec(StrEnum):
 class StoreError(ValueError):
     """A store is missing, malformed, from another model, or refuses the operation.
 
-    The message is one line that says what is wrong and what to do.
+    The message is one line that says what is wrong and what to do: ``problem``, then
+    ``hint`` after a semicolon when there is one. The hint is data, so a caller that knows
+    a better next step replaces it (`with_hint`) instead of editing the text.
+
+    Attributes:
+        problem: What is wrong.
+        hint: What to do about it, or None.
     """
+
+    def __init__(self, problem: str, *, hint: str | None = None):
+        super().__init__(problem if hint is None else f"{problem}; {hint}")
+        self.problem = problem
+        self.hint = hint
+
+    def with_hint(self, hint: str | None) -> StoreError:
+        """The same problem with another hint."""
+        return type(self)(self.problem, hint=hint)
 
 
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")

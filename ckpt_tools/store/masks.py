@@ -25,6 +25,7 @@ import zarr
 
 from ckpt_tools.store.layout import ATTRS_KEY, StoreError, check_group_name, to_json_safe
 from ckpt_tools.store.reader import read_root
+from ckpt_tools.store.walk import groups_of_kind
 from ckpt_tools.store.writer import consolidate, open_root_for_writing
 from ckpt_tools.tensors import TensorSpec, specs_from_json, specs_to_json
 
@@ -56,14 +57,7 @@ def mask_groups(path: str | Path, under: str) -> list[str]:
     root = read_root(path)
     if under not in root or not isinstance(root[under], zarr.Group):
         return []
-    found, stack = [], [(under, root[under])]
-    while stack:
-        name, node = stack.pop()
-        if node.attrs.get(ATTRS_KEY, {}).get("kind") == "masks":
-            found.append(name)
-            continue
-        stack.extend((f"{name}/{child}", sub) for child, sub in node.groups())
-    return sorted(found)
+    return groups_of_kind(under, root[under], "masks")
 
 
 def write_mask_row(
@@ -154,7 +148,7 @@ def read_mask_row(path: str | Path, group: str, level: int) -> tuple[np.ndarray,
     """
     node = _mask_group(path, group)
     if node is None:
-        raise StoreError(f"{path} has no mask group '{group}'; run `ckpt imp` first")
+        raise StoreError(f"{path} has no mask group '{group}'", hint="run `ckpt imp` first")
     written = np.asarray(node["written"][:], dtype=bool)
     if not (0 <= level < len(written) and written[level]):
         levels = ", ".join(str(i) for i in np.flatnonzero(written)) or "none"

@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ckpt_tools.schedule import nearest
 from ckpt_tools.store.chunks import ChunkReader, as_dask
 from ckpt_tools.store.integrity import history_warnings
 from ckpt_tools.store.layout import (
@@ -24,6 +25,7 @@ from ckpt_tools.store.location import Location, as_location, translate
 from ckpt_tools.store.parts import PART_ARRAY
 from ckpt_tools.store.resume import RESUME_ARRAYS
 from ckpt_tools.store.safety import check_store
+from ckpt_tools.store.walk import groups_of_kind
 from ckpt_tools.tensors import TensorSpec, specs_from_json
 
 __all__ = [
@@ -79,22 +81,12 @@ def read_root(path: str | Path | Location) -> zarr.Group:
 def history_groups(path: str | Path) -> list[str]:
     """Paths of every recorded history group in the store, e.g. ``["train", "imp/level_1"]``."""
     root = read_root(path)
-    found = []
     try:
-        for name, group in root.groups():
-            found.extend(_histories(name, group))
+        found = groups_of_kind("", root, "history", below_matches=True)
     except Exception as exc:  # damaged metadata below the root
         raise StoreError(f"{path}: cannot list its groups ({exc.__class__.__name__}); the "
                          "store is damaged") from exc
-    return sorted(found)
-
-
-def _histories(name: str, group: zarr.Group) -> list[str]:
-    meta = group.attrs.get(ATTRS_KEY)
-    out = [name] if isinstance(meta, dict) and meta.get("kind") == "history" else []
-    for child, sub in group.groups():
-        out.extend(_histories(f"{name}/{child}", sub))
-    return out
+    return [g for g in found if g]  # the root itself is never a history
 
 
 def _history_group(path: str | Path, group: str, root: zarr.Group | None = None) -> zarr.Group:
@@ -292,8 +284,7 @@ def read_row(
     stored = steps[committed]
     hits = np.flatnonzero((steps == step) & committed)
     if not hits.size:
-        nearest = stored[np.argsort(np.abs(stored - step), kind="stable")[:3]]
-        near = ", ".join(str(s) for s in sorted(nearest)) or "none"
+        near = ", ".join(str(s) for s in nearest(stored, step)) or "none"
         raise StoreError(
             f"step {step} is not stored in '{group}' of {path}; nearest stored steps: {near}"
         )

@@ -40,6 +40,7 @@ from ckpt_tools.store.layout import ATTRS_KEY, StoreError, check_group_name, to_
 from ckpt_tools.store.location import Location, as_location, translate
 from ckpt_tools.store.lock import lock_for
 from ckpt_tools.store.reader import history_groups, read_root
+from ckpt_tools.store.walk import groups_of_kind
 from ckpt_tools.store.writer import consolidate
 
 __all__ = ["RESULTS", "list_results", "read_result", "result_path", "write_result"]
@@ -87,16 +88,7 @@ def _check_nesting(root: zarr.Group, target: str) -> None:
 
 
 def _walk(root: zarr.Group) -> list[str]:
-    if RESULTS not in root:
-        return []
-    out, stack = [], [(RESULTS, root[RESULTS])]
-    while stack:
-        path, node = stack.pop()
-        if node.attrs.get(ATTRS_KEY, {}).get("kind") == "analysis":
-            out.append(path)
-            continue
-        stack.extend((f"{path}/{k}", g) for k, g in node.groups())
-    return sorted(out)
+    return groups_of_kind(RESULTS, root[RESULTS], "analysis") if RESULTS in root else []
 
 
 _RENAME_EXCHANGE = 2
