@@ -30,6 +30,7 @@ from ckpt_tools.analyses.experiments.contract import (
     parse_seeds,
     setting,
 )
+from ckpt_tools.analyses.experiments.lineage import Pruning, run_lineage
 from ckpt_tools.analyses.experiments.pruning import (
     DENSE_GROUP,
     SUMMARY,
@@ -39,12 +40,9 @@ from ckpt_tools.analyses.experiments.pruning import (
     dense_source,
     history_complete,
     level_group,
-    mask_from_row,
     mask_group,
     param_table,
-    prune,
     train_sparse,
-    write_mask,
 )
 
 from ckpt_tools import load_state_dict
@@ -168,7 +166,6 @@ def run_imp(
     check_rewind_steps(store, settings.rewind_steps, config)
     specs = param_table(store)
     pruning = _pruning(settings, specs)
-    prunable = [s.name for s in specs if s.prunable]
     seeds = settings.seeds or (config.order_seed,)
     stored = {}
     for k in settings.rewind_steps:
@@ -183,42 +180,39 @@ def run_imp(
                     "use those settings or another store"
                 )
     config, dense_group = dense_source(store, on_step=on_step)
+    how = Pruning(settings.fraction, settings.scope, tuple(pruning["exclude"]))
     for k in settings.rewind_steps:
-        rewound = None
+        rewound: dict = {}  # the stored weights at k, read once for every seed
         for seed in seeds:
             retrain = replace(config, data_seed=seed,
                               eval_schedule=settings.eval_schedule or config.eval_schedule)
             lineage = {**pruning, "rewind_step": k, "seed": seed, "dense_group": dense_group}
-            found = stored[k, seed]
-            levels = found.levels if found is not None else []
-            if 0 not in levels:
-                write_mask(store, k, 0, seed, {}, settings=lineage)
-            previous, mask = dense_group, None  # the group whose final weights are pruned
-            for level in range(1, settings.levels + 1):
-                if level in levels:
-                    mask = mask_from_row(found.masks[level], found.params)
-                    mask = {n: mask[n] for n in prunable}
-                else:
-                    final = load_state_dict(store, config.steps, group=previous)
-                    mask = prune({n: final[n] for n in prunable}, settings.fraction,
-                                 mask=mask, scope=settings.scope, exclude=pruning["exclude"])
-                    write_mask(store, k, level, seed, mask, settings=lineage)
-                group = previous = level_group(k, level, seed, store=store)
+            masks = mask_group(k, seed, store=store)
+
+            def final_weights(level, k=k, seed=seed):
+                group = dense_group if level == 0 else level_group(k, level, seed, store=store)
+                return load_state_dict(store, config.steps, group=group)
+
+            def train_level(level, mask, k=k, seed=seed, retrain=retrain, lineage=lineage,
+                            masks=masks, rewound=rewound):
+                group = level_group(k, level, seed, store=store)
                 if history_complete(store, group):
-                    continue
+                    return
                 if on_level is not None:
                     on_level(k, seed, level)
-                if rewound is None:
-                    rewound = load_state_dict(store, k)
+                if not rewound:
+                    rewound.update(load_state_dict(store, k))
                 result = train_sparse(
                     store, retrain, group=group, init=rewound, start_step=k, mask=mask,
                     schedule=settings.schedule,
-                    attrs={"kind": "imp", **lineage, "level": level,
-                           "mask_group": mask_group(k, seed, store=store)},
+                    attrs={"kind": "imp", **lineage, "level": level, "mask_group": masks},
                     on_step=on_step,
                 )
                 if on_done is not None:
                     on_done(k, seed, level, result)
+
+            run_lineage(store, masks, specs, how, levels=range(1, settings.levels + 1),
+                        settings=lineage, final_weights=final_weights, train_level=train_level)
     summary = imp_summary(store)
     write_result(store, SUMMARY, summary)
     return summary

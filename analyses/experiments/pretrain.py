@@ -47,15 +47,13 @@ from ckpt_tools.analyses.experiments.contract import (
     setting,
 )
 from ckpt_tools.analyses.experiments.imp import output_weight
+from ckpt_tools.analyses.experiments.lineage import Pruning, run_lineage
 from ckpt_tools.analyses.experiments.pruning import (
     Scope,
     dense_config,
     history_complete,
-    mask_from_row,
     mask_group,
-    mask_to_row,
     param_table,
-    prune,
     read_mask,
     train_sparse,
 )
@@ -69,7 +67,6 @@ from ckpt_tools.store import (
     read_result,
     write_result,
 )
-from ckpt_tools.store import masks as mask_store
 from ckpt_tools.train import TrainConfig, build
 
 __all__ = [
@@ -257,29 +254,25 @@ def _dense(store, settings, seed, real, pre, state_0, specs, prunable, on_run, o
     pruning = {"fraction": settings.fraction, "scope": settings.scope, "exclude": exclude,
                "pretrained": pretrain_group(settings, seed, "pretrain")}
     masks = pretrain_group(settings, seed, "masks")
-    stored = set(mask_store.mask_levels(store, masks))
-    names = [s.name for s in specs]
-    mask, weights = None, {}
-    for level in range(settings.levels + 1):
-        if level in stored:
-            mask = mask_from_row(mask_store.read_mask_row(store, masks, level)[0], specs)
-        else:
-            if level:
-                mask = prune(weights, settings.fraction, mask=mask, scope=settings.scope,
-                             prunable=prunable, exclude=exclude)
-            mask_store.write_mask_row(store, masks, level, mask_to_row(mask or {}, specs),
-                                      params=specs, settings=pruning)
+
+    def final_weights(level):
+        return load_state_dict(store, real.steps, group=pretrain_group(settings, seed,
+                                                                      f"level_{level}"))
+
+    def train_level(level, mask):
         group = pretrain_group(settings, seed, f"level_{level}")
         if on_run is not None:
             on_run(group, seed)
-        kept = _remaining(mask, prunable)
-        train_sparse(store, real, group=group, init=start, start_step=0,
-                     mask={n: mask[n] for n in prunable} if level else None,
+        train_sparse(store, real, group=group, init=start, start_step=0, mask=mask,
                      schedule=settings.schedule,
-                     attrs=_attrs(settings, seed, "imp", level=level, remaining=kept),
+                     attrs=_attrs(settings, seed, "imp", level=level,
+                                  remaining=_remaining(mask, prunable)),
                      on_step=on_step)
-        final = load_state_dict(store, real.steps, group=group)
-        weights = {n: final[n] for n in names}
+
+    run_lineage(store, masks, specs,
+                Pruning(settings.fraction, settings.scope, tuple(exclude)),
+                levels=range(settings.levels + 1), settings=pruning,
+                final_weights=final_weights, train_level=train_level)
 
 
 def _sparse(store, settings, seed, real, pre, state_0, prunable, on_run, on_step):
