@@ -2,7 +2,8 @@
 
 Each settings field becomes an option with the field's help text: booleans a flag pair,
 ``Literal`` fields a choice, tuples a repeatable option, fields with a ``parse`` function
-text. ``--preset`` offers the experiment's presets and ``--quiet`` silences progress.
+text. ``--preset`` offers the experiment's presets, ``--quiet`` silences progress, and
+the store is a path or a URL (with ``--storage-options``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import enum
 import inspect
 import types
 import typing
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from ckpt_tools.analyses.experiments import registry
 from ckpt_tools.analyses.experiments.contract import Experiment, option_name
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
@@ -54,8 +55,8 @@ def command(exp: Experiment):
     hints = typing.get_type_hints(exp.settings)
     params = [inspect.Parameter(
         "store", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[Path, typer.Argument(
-            help="A store recorded by `ckpt record` (RUN.zarr).")])]
+        annotation=Annotated[str, typer.Argument(
+            help="A store recorded by `ckpt record` (RUN.zarr); a path or a URL.")])]
     convert = {}
     for f in dataclasses.fields(exp.settings):
         kind, convert[f.name] = _option_type(f, hints)
@@ -73,9 +74,13 @@ def command(exp: Experiment):
     params.append(inspect.Parameter(
         "quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
         annotation=Annotated[bool, typer.Option(help="No progress output.")]))
+    params.append(inspect.Parameter(
+        "storage_options", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=StorageOptions))
 
-    def run(store: Path, **options) -> None:
+    def run(store: str, **options) -> None:
         quiet, preset = options.pop("quiet"), options.pop("preset", None)
+        store = store_location(store, options.pop("storage_options"))
         given = {k: convert[k](v) for k, v in options.items() if v is not None}
         try:
             settings = exp.make_settings(preset.value if preset else None, **given)
