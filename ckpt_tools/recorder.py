@@ -1,21 +1,20 @@
 """`Recorder`: dense checkpoints from any PyTorch loop into a Zarr history group.
 
-The training step pays for one device-to-host copy of the weights into a preallocated
-chunk buffer; compression and disk writes happen on a background thread. At most
-`max_pending` full chunks wait for the writer, so memory stays bounded: when the disk
-falls behind, `record` blocks instead of queueing without limit.
+The training thread pays for one copy of the weights into shared memory (on CUDA, a
+non-blocking copy queued on a side stream); writer processes compress and write them
+(`ckpt_tools.recording`). Host memory stays within `host_memory` whatever the model's
+size: the steps per storage chunk follow from it, and a model whose row does not fit is
+streamed. When the writers fall behind, `record` waits for a free block instead of
+queueing without limit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import math
 import os
 import queue
-import threading
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,57 +22,23 @@ import torch
 from torch import nn
 
 from ckpt_tools.provenance import provenance
+from ckpt_tools.recording import budget as _budget
+from ckpt_tools.recording.gather import Gather
+from ckpt_tools.recording.pipeline import Block, Pipeline, SharedRegion
+from ckpt_tools.recording.select import patterns, select
 from ckpt_tools.schedule import Schedule
 from ckpt_tools.store import (
-    CHUNK_STEPS,
     HistoryWriter,
     ResumePoint,
     StoreError,
     as_location,
     first_mismatch,
+    read_group_meta,
 )
-from ckpt_tools.store.layout import ATTRS_KEY, to_json_safe
+from ckpt_tools.store.layout import ATTRS_KEY, SHARD_BYTES, row_array_layout, to_json_safe
 from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 
-__all__ = ["Recorder"]
-
-
-@dataclass
-class _Chunk:
-    """Rows of one storage chunk being filled (`index` is the chunk number)."""
-
-    params: np.ndarray  # (CHUNK_STEPS, n_params) float32
-    buffers: np.ndarray  # (CHUNK_STEPS, n_buffers) float32
-    grad_norm: np.ndarray  # (CHUNK_STEPS, n_layers) float32
-    index: int = -1
-    rows: list[int] = field(default_factory=list)
-    scalars: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def reset(self, index: int) -> _Chunk:
-        # No refill here (that is 16 MiB of writes on the training thread): rows left
-        # unrecorded are set to NaN by the writer thread before the chunk is written.
-        self.index, self.rows, self.scalars = index, [], {}
-        return self
-
-    def blank_unrecorded(self, lo: int, hi: int) -> None:
-        """Set the rows in `lo:hi` that were not recorded to NaN."""
-        for row in sorted(set(range(lo, hi)) - set(self.rows)):
-            for array in (self.params, self.buffers, self.grad_norm):
-                array[row] = np.nan
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,
-                 torch.int16, torch.int8, torch.uint8, torch.bool}
-
-
-def _background_priority() -> None:
-    """Lower the calling thread's CPU priority (nice +10) where the OS allows it.
-
-    Not idle priority: on a machine shared with other jobs an idle-priority writer
-    starves, the bounded queue fills, and training stalls behind it.
-    """
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+__all__ = ["Recorder", "default_writers"]
 
 
 def _is_writer_rank() -> bool:
@@ -89,6 +54,19 @@ def _as_schedule(schedule: Schedule | str | Iterable[int]) -> Schedule:
     return Schedule.from_steps(schedule)
 
 
+def default_writers(device: torch.device | str = "cpu") -> int:
+    """Writer processes for the cores training leaves free (1 to 8).
+
+    On the CPU, training keeps `torch.get_num_threads()` cores busy; on a GPU, one.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    busy = 1 if torch.device(device).type == "cuda" else torch.get_num_threads()
+    return max(1, min(8, cores - busy))
+
+
 class Recorder:
     """Record a model's parameters and buffers at the steps of a schedule.
 
@@ -99,22 +77,32 @@ class Recorder:
         schedule: The steps to record (`Schedule`, its text form, or a list of steps).
         group: The history group inside the store.
         config: JSON-able description of the run, stored as provenance.
-        optimizer: If given, its learning rate is recorded as `lr` at every step.
+        optimizer: If given, its learning rate is recorded as `lr` at every step (and, on
+            CUDA, its next `step` waits on the device for the copies of the weights).
         eval_schedule: Steps at which `log_eval` will be called (own dimension
             `eval_step`).
         overwrite: Replace an existing group of the same name.
         resume: Continue an existing group: rows at and after the first step recorded in
             this session are rewritten. The group must have been recorded from the same
-            architecture, schedule and `config`.
-        max_pending: Full chunks allowed to wait for the writer before `record` blocks.
+            architecture, schedule, tensor selection and `config`.
+        host_memory: Bytes the recording may hold in host memory (an int, or a string
+            with a binary unit such as ``"2GiB"``); default: a quarter of the RAM, at
+            most 4 GiB. Steps per storage chunk follow from it (16 when they fit).
+        writers: Writer processes (default: `default_writers`).
+        include: Glob patterns of tensor names to record (default: all), e.g.
+            ``["*attn*"]``; a string may list several, comma-separated.
+        exclude: Glob patterns of tensor names not to record.
         codec: How `params` and `buffers` chunks are stored: ``"lz4"`` (default,
             lossless) or ``"none"`` (uncompressed, least CPU; compress later with
             ``ckpt compact``). A resumed group keeps the codec it was created with.
-
         storage_options: Options for the file system of a URL `path` (for s3fs:
             ``endpoint_url``, ``key``, ``secret``, ...), on top of the AWS environment.
 
     Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
+
+    Raises:
+        ValueError: `host_memory` cannot hold one row (the message names the smallest
+            budget that works), or the patterns select no tensor.
     """
 
     def __init__(
@@ -129,9 +117,11 @@ class Recorder:
         eval_schedule: Schedule | str | Iterable[int] | None = None,
         overwrite: bool = False,
         resume: bool = False,
-        max_pending: int = 2,
+        host_memory: int | str | None = None,
+        writers: int | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         codec: str = "lz4",
-
         storage_options: Mapping | None = None,
     ):
         self.path, self.group = as_location(path, storage_options), group
@@ -142,35 +132,71 @@ class Recorder:
         self._optimizer = optimizer
         self._index = {s: i for i, s in enumerate(self.schedule.steps)}
         self._last = -1
-        self._closed = False
+        self._closed = True
         if not self.active:
             return
-        self.params, self.buffers = param_specs(self._model), buffer_specs(self._model)
-        self._sources = self._tensor_sources()
-        self._views: dict[str, tuple] = {}
-        self._writer = self._open_writer(config, overwrite=overwrite, resume=resume,
-                                         codec=codec)
-        n_p = sum(s.size for s in self.params)
-        n_b = sum(s.size for s in self.buffers)
-        self._free: queue.Queue[_Chunk] = queue.Queue()
-        for _ in range(max_pending + 1):
-            self._free.put(
-                _Chunk(
-                    np.empty((CHUNK_STEPS, n_p), np.float32),
-                    np.empty((CHUNK_STEPS, n_b), np.float32),
-                    np.empty((CHUNK_STEPS, len(self.params)), np.float32),
-                )
-            )
-        self._todo: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self._chunk: _Chunk | None = None
-        self._thread = threading.Thread(target=self._drain, name="ckpt-writer", daemon=True)
-        self._thread.start()
+        budget = _budget.parse_bytes(host_memory) if host_memory is not None \
+            else _budget.default_host_memory()
+        if writers is not None and int(writers) < 1:
+            raise ValueError(f"writers must be at least 1, got {writers}")
+        if resume and include is None and exclude is None:  # continue the stored selection
+            with contextlib.suppress(StoreError):
+                meta = read_group_meta(self.path, group)
+                include, exclude = meta.get("include"), meta.get("exclude")
+        self._patterns = {"include": patterns(include), "exclude": patterns(exclude)}
+        self._codec = codec
+        # A shard is encoded whole in a writer's memory: keep it a small part of the budget.
+        self._shard_bytes = max(min(SHARD_BYTES, budget // 32), 1)
+        self.params, self.buffers = self._selected()
+        self.plan = self._plan(budget, writers)  # before touching the store
+        self._writer = self._open_writer(config, overwrite=overwrite, resume=resume)
+        try:
+            self._start()
+        except BaseException:
+            self._writer.release()
+            raise
+        self._closed = False
 
     # -- set-up -------------------------------------------------------------------------
-    def _open_writer(
-        self, config: Mapping | None, *, overwrite: bool, resume: bool, codec: str
-    ) -> HistoryWriter:
+    def _selected(self):
+        chosen = [select(specs, self._patterns["include"], self._patterns["exclude"])
+                  for specs in (param_specs(self._model), buffer_specs(self._model))]
+        if not chosen[0] and not chosen[1]:
+            raise ValueError(f"no tensor of {type(self._model).__name__} matches include="
+                             f"{self._patterns['include']} exclude={self._patterns['exclude']}")
+        return chosen
+
+    def _widths(self) -> dict[str, int]:
+        return {"params": sum(s.size for s in self.params),
+                "buffers": sum(s.size for s in self.buffers), "grad_norm": len(self.params)}
+
+    def _units(self, rows: int) -> dict[str, int]:
+        # Columns per storage unit of a new group's arrays (a shard, else a chunk).
+        out = {}
+        for name in ("params", "buffers"):
+            layout = row_array_layout(self._widths()[name], rows, codec=self._codec,
+                                      shard_bytes=self._shard_bytes)
+            out[name] = (layout["shards"] or layout["chunks"])[1]
+        return out
+
+    def _plan(self, budget: int, writers: int | None, units=None, chunk=None) -> _budget.Plan:
+        units = units or self._units
+        what = f"{type(self._model).__name__} ({self._widths()['params']:,} parameters)"
+        if writers is not None:
+            return _budget.plan(self._widths(), units, budget=budget, writers=int(writers),
+                                chunk=chunk, what=what)
+        device = next((t.device for t in self._model.parameters()), torch.device("cpu"))
+        n = default_writers(device)
+        while True:  # the default shrinks to what the budget can feed
+            try:
+                return _budget.plan(self._widths(), units, budget=budget, writers=n,
+                                    chunk=chunk, what=what)
+            except ValueError:
+                if n == 1:
+                    raise
+                n -= 1
+
+    def _open_writer(self, config, *, overwrite: bool, resume: bool) -> HistoryWriter:
         if resume:
             writer = HistoryWriter.reopen(self.path, self.group)
             try:
@@ -186,7 +212,9 @@ class Recorder:
             "schedule": self.schedule.to_json(),
             "eval_schedule": self.eval_schedule.to_json() if self.eval_schedule else None,
             "model": type(self._model).__name__,
-            "chunk_steps": CHUNK_STEPS,
+            "chunk_steps": self.plan.rows,
+            "include": self._patterns["include"],
+            "exclude": self._patterns["exclude"],
             # CPU reductions split work by thread; an exact resume uses the same count.
             "torch_threads": torch.get_num_threads(),
         }
@@ -194,11 +222,19 @@ class Recorder:
             self.path, self.group, steps=self.schedule.steps, params=self.params,
             buffers=self.buffers, attrs=attrs, root_attrs=provenance(),
             eval_steps=self.eval_schedule.steps if self.eval_schedule else (),
-            overwrite=overwrite, codec=codec,
+            overwrite=overwrite, chunk_steps=self.plan.rows, codec=self._codec,
+            shard_bytes=self._shard_bytes,
         )
 
     def _check_matches(self, writer: HistoryWriter, config: Mapping | None) -> None:
         where = f"group '{self.group}' in {self.path}"
+        meta = writer.group.attrs[ATTRS_KEY]
+        for key in ("include", "exclude"):
+            stored = tuple(meta[key]) if meta.get(key) else None
+            if stored != self._patterns[key]:
+                raise StoreError(f"{where} was recorded with {key}={list(stored or [])}, not "
+                                 f"{list(self._patterns[key] or [])}; resume with the same "
+                                 "tensor selection")
         for kind, stored, ours in (("parameter", writer.params, self.params),
                                    ("buffer", writer.buffers, self.buffers)):
             problem = first_mismatch(stored, ours, kind=kind)
@@ -209,20 +245,44 @@ class Recorder:
             raise StoreError(f"{where} has a different schedule")
         if config is None:  # the caller does not say: nothing to compare
             return
-        stored = writer.group.attrs[ATTRS_KEY].get("config", {})
+        stored = meta.get("config", {})
         given = to_json_safe(dict(config))
         for key in sorted(set(stored) | set(given)):
             if stored.get(key) != given.get(key):
                 raise StoreError(f"{where} was recorded with {key}={stored.get(key)!r}, not "
                                  f"{given.get(key)!r}; resume with the stored configuration")
 
-    def _tensor_sources(self) -> list[tuple[nn.Module, str]]:
-        # (module, attribute) pairs, so a buffer re-assigned by the model is still found.
-        out = []
-        for spec in [*self.params, *self.buffers]:
-            owner, _, attr = spec.name.rpartition(".")
-            out.append((self._model.get_submodule(owner), attr))
-        return out
+    def _start(self) -> None:
+        # The layout of the arrays as stored decides the pieces (a resumed store may have
+        # been made with other chunks).
+        units = {name: self._writer.block_shape(name)[1] for name in ("params", "buffers")}
+        self._writer.ensure_row_hashes()
+        self.plan = self._plan(self.plan.budget, self.plan.writers, units,
+                               chunk=self._writer.chunk_steps)
+        self.chunk_steps = self._writer.chunk_steps
+        self._region = SharedRegion(self.plan.slots * self.plan.slot_floats * 4)
+        self._pinned = self._pin_region()
+        self._gather = Gather(self._model, self.params, self.buffers,
+                              [p for seg in self.plan.segments for p in seg], self._optimizer)
+        self._blocks: dict[int, Block] = {}
+        lock = self._writer.lock
+        self._pipe = Pipeline(
+            self._region, slots=self.plan.slots, writers=self.plan.writers,
+            store=self.path.url, group=self.group,
+            storage_options=self.path.storage_options,
+            lock_fd=getattr(lock, "fileno", lambda: None)(),
+            control=self._control, ensure_scalar=self._writer.ensure_scalar,
+        )
+
+    def _pin_region(self) -> bool:
+        # Page-locked shared memory lets CUDA copy into it asynchronously.
+        device = next((t.device for t in self._model.parameters()), torch.device("cpu"))
+        if device.type != "cuda":
+            return False
+        self._pin_view = np.frombuffer(self._region.map, np.uint8)
+        code = int(torch.cuda.cudart().cudaHostRegister(
+            self._pin_view.ctypes.data, self._region.nbytes, 1))
+        return code == 0
 
     # -- hot path -----------------------------------------------------------------------
     def record(self, step: int, **scalars: float) -> bool:
@@ -233,7 +293,8 @@ class Recorder:
 
         Raises:
             ValueError: if `step` is not later than the previously recorded step.
-            RuntimeError: if the background writer failed (the cause is chained).
+            RuntimeError: if writing failed (a writer process died, the disk is full):
+                the message names the cause; steps committed before stay stored.
         """
         i = self._index.get(step)
         if i is None or not self.active:
@@ -244,52 +305,79 @@ class Recorder:
             raise ValueError(f"step {step} recorded out of order (after step "
                              f"{self.schedule.steps[self._last]})")
         self._raise_writer_error()
-        chunk_no, row = divmod(i, CHUNK_STEPS)
-        if self._chunk is None or self._chunk.index != chunk_no:
-            self._flush()
-            self._chunk = self._free.get().reset(chunk_no)
-        chunk = self._chunk
-        with torch.no_grad():
-            tensors = [getattr(m, a) for m, a in self._sources]
-            n = len(self.params)
-            self._copy_row(tensors[:n], chunk.params[row], "params")
-            if self.buffers:
-                self._copy_row(tensors[n:], chunk.buffers[row], "buffers")
-            grads = [t.grad for t in tensors[:n]]
-            present = [k for k, g in enumerate(grads) if g is not None]
-            if len(present) < n:
-                chunk.grad_norm[row] = np.nan
-            if present:
-                norms = torch._foreach_norm([grads[k] for k in present])
-                chunk.grad_norm[row, present] = torch.stack(norms).float().cpu().numpy()
+        rows = self.plan.rows
+        first, row = i - i % rows, i % rows
         if self._optimizer is not None and "lr" not in scalars:
             scalars["lr"] = self._optimizer.param_groups[0]["lr"]
-        for name, value in scalars.items():
-            column = chunk.scalars.setdefault(name, np.full(CHUNK_STEPS, np.nan))
-            column[row] = float(value)
-        chunk.rows.append(row)
+        self._gather.begin()
+        last = len(self.plan.segments) - 1
+        for seg_no, segment in enumerate(self.plan.segments):
+            block = self._blocks.get(seg_no)
+            if block is not None and block.first != first:
+                self._submit(seg_no)
+                block = None
+            if block is None:
+                block = self._blocks[seg_no] = self._new_block(segment, first, seg_no == last)
+            for piece, view in block.pieces:
+                self._gather.fill(piece, view[row])
+            event = self._gather.copied()
+            if event is not None:
+                block.events.append(event)
+            if block.final:
+                self._add_scalars(block, row, scalars)
+            else:
+                block.rows.append(row)
+            if row == rows - 1 or last:
+                self._submit(seg_no)
+        self._gather.end()
         self._last = i
         return True
 
-    def _copy_row(self, tensors: list[torch.Tensor], out: np.ndarray, kind: str) -> None:
-        # On the CPU, numpy views of the tensors are kept between calls: one
-        # np.concatenate then copies the row with no per-tensor dispatch (~0.05 ms for
-        # ResNet-20 instead of ~0.3 ms). The views are rebuilt whenever a tensor object
-        # or its storage changed (`p.data = ...`, a moved model).
-        key = [(id(t), t.data_ptr()) for t in tensors]
-        cached = self._views.get(kind)
-        if cached is None or cached[0] != key:
-            views = None
-            if all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _NUMPY_DTYPES
-                   for t in tensors):
-                views = [t.detach().reshape(-1).numpy() for t in tensors]
-            cached = self._views[kind] = (key, views)
-        if cached[1] is not None:
-            np.concatenate(cached[1], out=out, casting="same_kind")
-        else:
-            torch.from_numpy(out).copy_(torch.cat([t.detach().reshape(-1).float()
-                                                   for t in tensors]))
+    def _new_block(self, segment, first: int, final: bool) -> Block:
+        slot = self._take_slot()
+        base, pieces, offsets = slot * self.plan.slot_floats, [], []
+        for piece in segment:
+            pieces.append((piece, self._region.floats(base, (self.plan.rows, piece.width))))
+            offsets.append(base * 4)
+            base += self.plan.rows * piece.width
+        return Block(slot, first, pieces, offsets, final=final)
 
+    def _take_slot(self) -> int:
+        while True:
+            try:
+                slot = self._pipe.free.get(timeout=1.0)
+            except queue.Empty:  # check that the pipeline still lives
+                self._raise_writer_error()
+                continue
+            self._raise_writer_error()
+            return slot
+
+    @staticmethod
+    def _add_scalars(block: Block, row: int, scalars: Mapping[str, float]) -> None:
+        n = len(block.rows)
+        for name in scalars:
+            block.scalars.setdefault(name, [math.nan] * n)
+        for name, column in block.scalars.items():
+            column.append(float(scalars.get(name, math.nan)))
+        block.rows.append(row)
+
+    def _submit(self, seg_no: int) -> None:
+        block = self._blocks.pop(seg_no, None)
+        if block is None:
+            return
+        if block.rows:  # rows skipped inside the written range are stored as NaN
+            lo, hi = min(block.rows), max(block.rows) + 1
+            for r in sorted(set(range(lo, hi)) - set(block.rows)):
+                for _, view in block.pieces:
+                    view[r] = np.nan
+        block.pieces = [(p, None) for p, _ in block.pieces]  # no views past the hand-over
+        self._pipe.submit(block)
+
+    def _submit_all(self) -> None:
+        for seg_no in sorted(self._blocks):
+            self._submit(seg_no)
+
+    # -- everything else goes behind the rows -------------------------------------------
     def log_eval(self, step: int, **metrics: float) -> bool:
         """Store evaluation metrics (e.g. ``test_loss``, ``test_accuracy``) for `step`.
 
@@ -297,106 +385,53 @@ class Recorder:
         """
         if not self.active or self.eval_schedule is None or step not in self.eval_schedule:
             return False
-        self._raise_writer_error()
-        self._flush()
-        self._todo.put(("eval", self.eval_schedule.index(step), dict(metrics)))
+        self._queue(("eval", self.eval_schedule.index(step), dict(metrics)))
         return True
 
     def save_resume_point(self, point: ResumePoint) -> None:
         """Make `point` the group's resume point once everything recorded so far is written.
 
         `point` must hold copies (see `ckpt_tools.train_state.capture`), taken after the
-        last `record` call; the writer thread stores it after committing every row and
-        evaluation queued before it, so the point never runs ahead of the rows.
+        last `record` call; it is stored after every row and evaluation queued before it
+        is committed, so the point never runs ahead of the rows.
         """
-        if not self.active:
-            return
-        self._raise_writer_error()
-        self._flush()
-        self._todo.put(("resume", point))
+        if self.active:
+            self._queue(("resume", point))
 
     def mark_complete(self) -> None:
         """Record that the history is finished; its resume state is dropped."""
-        if not self.active:
-            return
+        if self.active:
+            self._queue(("complete",))
+
+    def _queue(self, item: tuple) -> None:
         self._raise_writer_error()
-        self._flush()
-        self._todo.put(("complete",))
+        self._submit_all()
+        self._pipe.control(item)
 
-    def _flush(self) -> None:
-        if self._chunk is not None and self._chunk.rows:
-            self._todo.put(("rows", self._chunk))
-        elif self._chunk is not None:
-            self._free.put(self._chunk)
-        self._chunk = None
-
-    # -- background writer --------------------------------------------------------------
-    def _drain(self) -> None:
-        # Compression runs on this thread's own event loop and executor, at lowered CPU
-        # priority: on a machine whose cores all train, it mostly fills the gaps between
-        # operations instead of pre-empting training threads (which then stall the
-        # others at every parallel barrier). When it falls behind, `record` blocks on
-        # the bounded queue and training waits for it.
-        _background_priority()
-        codecs = ThreadPoolExecutor(1, "ckpt-codec", initializer=_background_priority)
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_default_executor(codecs)
-        try:
-            while True:
-                item = self._todo.get()
-                try:
-                    if item is None:
-                        return
-                    if self._error is None:
-                        self._write(item)
-                except BaseException as exc:  # reported to the training thread
-                    self._error = exc
-                finally:
-                    if item is not None and item[0] == "rows":
-                        self._free.put(item[1])
-                    self._todo.task_done()
-        finally:
-            self._loop.close()
-            codecs.shutdown()
-
-    def _write(self, item) -> None:
+    def _control(self, item: tuple) -> None:  # on the coordinator thread
         if item[0] == "eval":
             self._writer.write_eval(item[1], item[2])
-            return
-        if item[0] == "resume":
+        elif item[0] == "resume":
             self._writer.save_resume_point(item[1])
-            return
-        if item[0] == "complete":
+        elif item[0] == "complete":
             self._writer.mark_complete()
-            return
-        chunk: _Chunk = item[1]
-        lo, hi = min(chunk.rows), max(chunk.rows) + 1
-        chunk.blank_unrecorded(lo, hi)
-        base = chunk.index * CHUNK_STEPS
-        write = self._writer.write_rows_async(
-            base + lo,
-            chunk.params[lo:hi],
-            chunk.buffers[lo:hi],
-            chunk.grad_norm[lo:hi],
-            {name: col[lo:hi] for name, col in chunk.scalars.items()},
-        )
-        self._loop.run_until_complete(write)
-        self._writer.commit(base + np.asarray(chunk.rows))
 
     def _raise_writer_error(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing to {self.path} failed: {self._error}") from self._error
+        error = getattr(self, "_pipe", None) and self._pipe.check()
+        if error:
+            raise RuntimeError(f"writing to {self.path} failed: {error}; the steps committed "
+                               "before are kept")
 
     def flush(self) -> None:
         """Write everything recorded so far and wait until it is committed."""
         if not self.active or self._closed:
             return
-        self._flush()
-        self._todo.join()
+        self._submit_all()
+        self._pipe.sync()
         self._raise_writer_error()
 
     def close(self) -> None:
-        """Flush, stop the writer and re-consolidate metadata; raise any writer error."""
+        """Flush, stop the writers and re-consolidate metadata; raise any writer error."""
         if self._closed or not self.active:
             self._closed = True
             return
@@ -404,14 +439,23 @@ class Recorder:
             self.flush()
         finally:
             self._closed = True
-            self._todo.put(None)
-            self._thread.join()
+            self._pipe.close()
+            self._gather.close()
             try:
-                if self._error is None:
+                if self._pipe.error is None:
                     self._writer.close()
             finally:
                 self._writer.release()
+                self._unpin()
         self._raise_writer_error()
+
+    def _unpin(self) -> None:
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._pin_view.ctypes.data)
+            self._pinned = False
+        self._pin_view = None
+        self._blocks.clear()
+        self._region.close()
 
     def __enter__(self) -> Recorder:
         return self

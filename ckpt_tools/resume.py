@@ -334,6 +334,7 @@ def resume_run(
     overrides: Mapping | None = None,
     on_step: Callable[[int, float], None] | None = None,
     resume_interval: float | None = 30.0,
+    recorder_options: Mapping | None = None,
 ) -> TrainResult:
     """Continue the built-in run recorded in `group` of `path` to its last step.
 
@@ -344,6 +345,7 @@ def resume_run(
             value (a resume never changes a run).
         on_step: Called as ``on_step(step, loss)`` after every update.
         resume_interval: Seconds between resume points.
+        recorder_options: Extra keyword arguments of `Recorder` (see `train`).
 
     Returns:
         The training result (``last_step`` is the run's final step).
@@ -363,4 +365,5 @@ def resume_run(
     return train(
         status.config, path, group=group, overwrite=not status.intact,
         resume=status.intact, on_step=on_step, resume_interval=resume_interval,
+        recorder_options=recorder_options,
     )

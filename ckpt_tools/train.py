@@ -138,6 +138,7 @@ def train(
     resume_interval: float | None = 30.0,
     codec: str = "lz4",
     hooks: Sequence[Hook] = (),
+    recorder_options: Mapping | None = None,
 ) -> TrainResult:
     """Train `config` and record it into the group `group` of the store `out`.
 
@@ -165,6 +166,8 @@ def train(
             `Recorder`).
         hooks: More hooks (`ckpt_tools.hooks.Hook`), called in order after the mask's
             and before the recording's (what they change in the model is recorded).
+        recorder_options: More keyword arguments of `Recorder` (`host_memory`,
+            `writers`, `include`, `exclude`).
 
     Ctrl-C (SIGINT) or SIGTERM stops the loop at the next step boundary, with a resume
     point there.
@@ -196,6 +199,7 @@ def train(
     with ResumePoints(resume_interval) as points, Recorder(
         out, model, schedule or config.checkpoint_schedule(), group=group, config=attrs,
         optimizer=opt, eval_schedule=evals, overwrite=overwrite, resume=resume, codec=codec,
+        **dict(recorder_options or {}),
     ) as rec:
         # Hooks that change the model run before the recording, so it stores their effect.
         run_hooks = [*([Mask(mask)] if mask is not None else []), *hooks, Recording(rec),

@@ -41,7 +41,8 @@ _RESUMABLE_OPTIONS = ("model", "dataset", "data_root", "steps", "batch_size", "l
                       "width", "schedule", "eval_schedule", "device")
 
 
-def _resume(ctx: typer.Context, path: Location, *, quiet: bool, interval: float) -> None:
+def _resume(ctx: typer.Context, path: Location, *, quiet: bool, interval: float,
+            options: dict) -> None:
     from ckpt_tools.resume import resume_run, resume_status
 
     given = {}
@@ -64,13 +65,25 @@ def _resume(ctx: typer.Context, path: Location, *, quiet: bool, interval: float)
         task = bar.add_task("train", total=status.config.steps, completed=start,
                             loss=float("nan"), visible=not quiet)
         result = resume_run(
-            path, overrides=given, resume_interval=interval,
+            path, overrides=given, resume_interval=interval, recorder_options=options,
             on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
         )
     acc = result.final_eval.get("test_accuracy")
     summary = f", test accuracy {acc:.4f}" if acc is not None else ""
     typer.echo(f"resumed {path} from step {start}: recorded up to step {result.last_step}"
                f"{summary}")
+
+
+def _recorder_options(host_memory, writers, include, exclude) -> dict:
+    from ckpt_tools.recording.budget import parse_bytes
+
+    options = {"writers": writers, "include": include or None, "exclude": exclude or None}
+    if host_memory is not None:
+        try:
+            options["host_memory"] = parse_bytes(host_memory)
+        except ValueError as exc:
+            raise fail(f"--host-memory: {exc}", USAGE) from None
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @friendly
@@ -92,6 +105,10 @@ def record(
     resume: Annotated[str | None, typer.Option(help="Continue the interrupted run in this store (a path or a URL), bit for bit.")] = None,  # noqa: E501
     resume_interval: Annotated[float, typer.Option(min=0.0, help="Seconds between resume points (0: after every update).")] = 30.0,  # noqa: E501
     codec: Annotated[Codec, typer.Option(help="How weights are stored: lz4 (lossless, default) or none (uncompressed, least CPU; run `ckpt compact` later).")] = Codec.lz4,  # noqa: E501
+    host_memory: Annotated[str | None, typer.Option(help="Host memory the recording may hold, e.g. 2GiB (default: a quarter of the RAM, at most 4 GiB).")] = None,  # noqa: E501
+    writers: Annotated[int | None, typer.Option(min=1, help="Writer processes that compress and write (default: the cores training leaves free, at least 1).")] = None,  # noqa: E501
+    include: Annotated[list[str] | None, typer.Option(help="Record only tensors whose names match this glob (repeatable), e.g. '*attn*'.")] = None,  # noqa: E501
+    exclude: Annotated[list[str] | None, typer.Option(help="Do not record tensors whose names match this glob (repeatable).")] = None,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -99,6 +116,7 @@ def record(
 
     Ctrl-C stops at the next step with a resume point; `--resume RUN.zarr` continues.
     """
+    options = _recorder_options(host_memory, writers, include, exclude)
     if resume is not None:
         if out is not None or overwrite:
             raise fail("--resume continues the store it names; drop --out/--overwrite", USAGE)
@@ -107,7 +125,7 @@ def record(
             raise fail("--resume keeps the codec the run was recorded with; drop --codec",
                        USAGE)
         _resume(ctx, store_location(resume, storage_options), quiet=quiet,
-                interval=resume_interval)
+                interval=resume_interval, options=options)
         return
     if device is Device.cuda:
         import torch
@@ -129,6 +147,7 @@ def record(
         task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
         result = train(
             config, out, overwrite=overwrite, resume_interval=resume_interval, codec=codec.value,
+            recorder_options=options,
             on_step=lambda step, loss: bar.update(task, completed=step, loss=loss),
         )
     acc = result.final_eval.get("test_accuracy")

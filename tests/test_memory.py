@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from ckpt_tools.synthetic import write_synthetic_history
 
@@ -39,3 +40,20 @@ def test_peak_memory_stays_within_budget(tmp_path):
     assert m["steps"] == n_steps
     assert m["raw"] >= 4 * BUDGET
     assert m["after"] - m["before"] < BUDGET, m
+
+
+def test_recording_stays_within_its_host_memory_budget(tmp_path):
+    # 4M parameters (16 MB a row) recorded for 24 steps (384 MB raw) with a 160 MiB budget:
+    # peak memory of the training process and its writers together (PSS) may grow by the
+    # budget plus 10%.
+    budget = 160 << 20
+    bench = Path(__file__).resolve().parents[1] / "bench" / "record_scale.py"
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(bench), "--sizes", "4M", "--writers", "1",
+                    "--host-memory", str(budget), "--steps", "24", "--no-baselines",
+                    "--workdir", str(tmp_path), "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    (run,) = json.loads(out.read_text())
+    assert run["steps"] * run["params"] * 4 > 2 * budget
+    assert 1 < run["chunk_steps"] < 16
+    assert 0 < run["growth"] <= 1.1 * budget, run

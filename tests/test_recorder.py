@@ -106,19 +106,6 @@ def test_existing_group_is_refused_then_overwritten_keeping_others(tmp_path):
     np.testing.assert_array_equal(ckpt_tools.open_history(path, "other").params.values, before)
 
 
-def test_writer_errors_reach_the_training_loop(tmp_path, monkeypatch):
-    from ckpt_tools.store import HistoryWriter
-
-    async def broken(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(HistoryWriter, "write_rows_async", broken)
-    rec = ckpt_tools.Recorder(tmp_path / "r.zarr", _Net(), "0:40:1")
-    rec.record(0)
-    with pytest.raises(RuntimeError, match="No space left"):
-        rec.close()
-
-
 def test_uncommitted_rows_are_invisible(tmp_path):
     path = tmp_path / "r.zarr"
     _run(path, "0:5:1", n=4)

@@ -138,6 +138,10 @@ class GroupLock:
         self._fd = fd
         return self
 
+    def fileno(self) -> int | None:
+        """The held lock's file descriptor (a process that inherits it shares the lock)."""
+        return self._fd
+
     def _check_by_pid(self, fd: int) -> None:
         # File systems without flock: trust a holder line whose process is alive.
         holder = holder_of(self.path)

@@ -547,6 +547,19 @@ class HistoryWriter:
         shape = getattr(array, "shards", None) or array.chunks
         return int(shape[0]), int(shape[1])
 
+    @property
+    def chunk_steps(self) -> int:
+        """Checkpoints per stored chunk (or shard) of `params` along `step`."""
+        return self.block_shape("params")[0]
+
+    def ensure_scalar(self, name: str) -> None:
+        """Create the per-step scalar array `name` (and list it) if it does not exist."""
+        self._scalar(name)
+
+    def ensure_row_hashes(self) -> None:
+        """Create the `row_hash` array if the group predates it."""
+        self._hashes()
+
     def write_block(self, name: str, start: int, column: int, values: np.ndarray) -> None:
         """Write `values` `(rows, columns)` into `params` or `buffers` at `[start:, column:]`.
 

@@ -1,0 +1,125 @@
+"""A writer process of the recording pipeline: compresses row blocks and writes them.
+
+The training process starts it as ``python -P row_writer.py CONFIG`` (see
+`ckpt_tools.recording.pipeline`). It imports numpy and zarr only, never torch or the
+`ckpt_tools` package, so it starts in well under a second with ~50 MiB of its own, and the
+training process's interpreter lock is never taken by compression or file writes.
+
+The rows themselves are never sent: both processes map one shared-memory region (a file
+descriptor inherited at start), and a command names where a block lies in it. Commands
+arrive as JSON lines on one pipe, each answered by one JSON line on another:
+
+- ``{"op": "write", "id": N, "array": A, "offset": BYTES, "rows": [R0, N_ROWS],
+  "cols": [C0, N_COLS]}``: write the `(N_ROWS, N_COLS)` float32 block at `offset` of the
+  region into ``A[R0:R0+N_ROWS, C0:C0+N_COLS]`` (the parent aligns blocks to chunks);
+- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}}``: write the
+  per-step scalars of `rows`, then set their `committed` flags (the parent sends this only
+  after every block of those rows was written);
+- ``{"op": "close"}``: exit.
+
+A reply is ``{"id": N}`` or ``{"id": N, "error": "one line"}``. The process dies with its
+parent (``PR_SET_PDEATHSIG``), and also holds the group's lock file descriptor, so no
+writer can take the group while a block of a dead training process is still being written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import signal
+import sys
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__
+
+
+class _Writer:
+    def __init__(self, config: dict):
+        import numpy as np
+        import zarr
+
+        self.np = np
+        extra = {"storage_options": config["storage_options"]} if config.get(
+            "storage_options") else {}
+        self.group = zarr.open_group(config["store"], path=config["group"], mode="r+",
+                                     zarr_format=3, use_consolidated=False, **extra)
+        self.region = mmap.mmap(config["region_fd"], config["region_size"])
+        self.arrays: dict = {}
+
+    def array(self, name: str):
+        if name not in self.arrays:
+            self.arrays[name] = self.group[name]
+        return self.arrays[name]
+
+    def write(self, msg: dict) -> None:
+        (r0, n_rows), (c0, n_cols) = msg["rows"], msg["cols"]
+        block = self.np.ndarray((n_rows, n_cols), self.np.float32, buffer=self.region,
+                                offset=msg["offset"])
+        self.array(msg["array"])[r0:r0 + n_rows, c0:c0 + n_cols] = block
+
+    def _set_rows(self, name: str, rows, values) -> None:
+        array = self.array(name)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        current = self.np.asarray(array[lo:hi])
+        current[rows - lo] = values
+        array[lo:hi] = current
+
+    def commit(self, msg: dict) -> None:
+        rows = self.np.asarray(msg["rows"], dtype=self.np.int64)
+        if rows.size == 0:
+            return
+        for name, values in msg.get("scalars", {}).items():
+            self._set_rows(name, rows, self.np.asarray(values, dtype=self.np.float64))
+        self._set_rows("committed", rows, True)  # last: the rows become visible
+
+
+def main(argv: list[str]) -> int:
+    """Serve commands until ``close`` or end of input; see the module docstring."""
+    config = json.loads(argv[1])
+    # Ctrl-C is for the training process, which stops at a step boundary and then
+    # closes the writers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(int(config["parent"]))
+    import numcodecs.blosc
+    import zarr
+
+    with contextlib.suppress(OSError):  # after the imports: start at full speed
+        os.setpriority(os.PRIO_PROCESS, 0, int(config.get("nice", 10)))
+
+    numcodecs.blosc.set_nthreads(1)  # one core per writer: add writers to scale
+    zarr.config.set({"threading.max_workers": 1})
+    replies = os.fdopen(config["ack_fd"], "wb", buffering=0)
+    try:
+        writer = _Writer(config)
+    except BaseException as exc:  # reported to the parent, which names it
+        replies.write((json.dumps({"id": -1, "error": _describe(exc)}) + "\n").encode())
+        return 1
+    replies.write(b'{"id": -1}\n')
+    with os.fdopen(config["cmd_fd"], "rb") as commands:
+        for line in commands:
+            msg = json.loads(line)
+            if msg["op"] == "close":
+                break
+            reply = {"id": msg["id"]}
+            try:
+                getattr(writer, msg["op"])(msg)
+            except BaseException as exc:
+                reply["error"] = _describe(exc)
+            replies.write((json.dumps(reply) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
