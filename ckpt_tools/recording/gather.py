@@ -80,10 +80,7 @@ class Gather:
         present = [k for k, g in enumerate(grads) if g is not None]
         device = params[0].device if params else torch.device("cpu")
         with torch.no_grad():
-            norms = torch.full((len(params),), float("nan"), device=device)
-            if present:
-                values = torch._foreach_norm([grads[k] for k in present])
-                norms[present] = torch.stack(values).float()
+            norms = self._grad_norms(grads, present, device)
         if device.type != "cuda":
             self._norms = norms.numpy()
             self._cuda = None
@@ -103,6 +100,18 @@ class Gather:
         ready.record(torch.cuda.current_stream(device))
         side.wait_event(ready)
         self._cuda = side
+
+    @staticmethod
+    def _grad_norms(grads, present, device) -> torch.Tensor:
+        # float32 L2 norms, NaN where a tensor has no gradient; no host synchronisation.
+        if not present:
+            return torch.full((len(grads),), float("nan"), device=device)
+        values = [v.float() for v in torch._foreach_norm([grads[k] for k in present])]
+        if len(present) == len(grads):
+            return torch.stack(values)
+        nan = torch.full((1,), float("nan"), device=device)
+        found = dict(zip(present, values, strict=True))
+        return torch.stack([found.get(k, nan[0]) for k in range(len(grads))])
 
     def fill(self, piece: Piece, out: np.ndarray) -> None:
         """Copy `piece` of the current step into `out` (a float32 row of its width)."""

@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import mmap
 import os
 import queue
 import selectors
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ckpt_tools.recording import writers as writers_
 from ckpt_tools.recording.budget import Piece
-from ckpt_tools.store import row_writer
 
 __all__ = ["Block", "Pipeline", "SharedRegion"]
 
@@ -103,16 +100,6 @@ class _Rows:
     sent: bool = False
 
 
-def _describe_exit(pid: int, code: int | None) -> str:
-    if code is None:
-        return f"writer process {pid} stopped answering"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"writer process {pid} was killed by {signal.Signals(-code).name}"
-        return f"writer process {pid} was killed by signal {-code}"
-    return f"writer process {pid} exited with status {code}"
-
-
 class Pipeline:
     """Writer processes plus the coordinator thread that feeds them (see module docs).
 
@@ -152,10 +139,6 @@ class Pipeline:
             self.free.put(slot)
         self._items: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
-        self._procs: list[subprocess.Popen] = []
-        self._cmds: list = []
-        self._acks: dict[int, int] = {}  # ack fd -> writer number
-        self._buffers: dict[int, bytes] = {}
         self._affinity: dict[tuple[str, int], int] = {}
         self._next_id = 0
         self._waiting: dict[int, tuple] = {}  # message id -> (kind, payload)
@@ -163,43 +146,26 @@ class Pipeline:
         self._inflight_slots: set[int] = set()
         self._scalars_known: set[str] = set()
         self._closing = False
-        fds = [region.fd] + ([lock_fd] if lock_fd is not None else [])
+        self._procs = writers_.take(max(int(writers), 1))
+        fds = (region.fd,) + ((lock_fd,) if lock_fd is not None else ())
         try:
-            for _ in range(max(int(writers), 1)):
-                self._start_writer(store, group, fds, storage_options)
+            for proc in self._procs:
+                proc.send({"op": "open", "id": -1, "store": str(store), "group": group,
+                           "region_size": region.nbytes,
+                           "storage_options": dict(storage_options or {}) or None}, fds)
         except BaseException:
-            self._kill()
+            for proc in self._procs:
+                proc.kill()
             raise
         self._thread = threading.Thread(target=self._run, name="ckpt-coordinator", daemon=True)
         self._thread.start()
 
-    # -- writer processes ------------------------------------------------------------
-    def _start_writer(self, store, group, fds, storage_options) -> None:
-        cmd_r, cmd_w = os.pipe()
-        ack_r, ack_w = os.pipe()
-        config = {"store": str(store), "group": group, "region_fd": fds[0],
-                  "region_size": self.region.nbytes, "cmd_fd": cmd_r, "ack_fd": ack_w,
-                  "parent": os.getpid(), "nice": 10,
-                  "storage_options": dict(storage_options) if storage_options else None}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-P", row_writer.__file__, json.dumps(config)],
-                pass_fds=(cmd_r, ack_w, *fds), stdin=subprocess.DEVNULL, close_fds=True,
-                start_new_session=True,  # a terminal's Ctrl-C goes to the training process
-            )
-        finally:
-            os.close(cmd_r)
-            os.close(ack_w)
-        self._procs.append(proc)
-        self._cmds.append(os.fdopen(cmd_w, "wb", buffering=0))
-        self._acks[ack_r] = len(self._procs) - 1
-        self._buffers[ack_r] = b""
-
+    # -- messages to the writers ----------------------------------------------------
     def _send(self, writer: int, msg: dict, kind: str, payload) -> None:
         msg["id"] = self._next_id
         self._waiting[self._next_id] = (kind, payload)
         self._next_id += 1
-        self._cmds[writer].write((json.dumps(msg) + "\n").encode())
+        self._procs[writer].send(msg)
 
     def _writer_for(self, piece: Piece) -> int:
         key = (piece.array, piece.start)
@@ -228,9 +194,8 @@ class Pipeline:
         """The pipeline's error, if any: a writer's, or a writer process that has died."""
         if self.error is None and not self._closing:
             for proc in self._procs:
-                code = proc.poll()
-                if code is not None:
-                    self._set_error(_describe_exit(proc.pid, code))
+                if not proc.alive():
+                    self._set_error(proc.describe_exit())
         return self.error
 
     def _put(self, item) -> None:
@@ -239,45 +204,44 @@ class Pipeline:
             os.write(self._wake_w, b"x")
 
     def close(self) -> None:
-        """Stop the coordinator and the writers (after `sync`); idempotent."""
+        """Stop the coordinator and end the writers' session (after `sync`); idempotent.
+
+        Writers whose session ended cleanly are kept for the next recording.
+        """
         self._closing = True
         if self._thread.is_alive():
             self._put(None)
             self._thread.join()
-        for cmd in self._cmds:
-            with contextlib.suppress(OSError):
-                cmd.write(b'{"op": "close"}\n')
-                cmd.close()
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+        procs, self._procs = self._procs, []
+        clean = []
+        for proc in procs:
+            reply = None
+            if self.error is None:
+                with contextlib.suppress(OSError):
+                    proc.send({"op": "end", "id": -2})
+                    reply = proc.recv()
+            if reply is not None and "error" not in reply:
+                clean.append(proc)
+            else:
                 proc.kill()
-                proc.wait()
-        for fd in (*self._acks, self._wake_r, self._wake_w):
+        writers_.give_back(clean)
+        for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._acks = {}
-
-    def _kill(self) -> None:
-        for proc in self._procs:
-            with contextlib.suppress(OSError):
-                proc.kill()
-                proc.wait()
 
     # -- the coordinator thread ------------------------------------------------------
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)
-        for fd in self._acks:
-            sel.register(fd, selectors.EVENT_READ)
+        for k, proc in enumerate(self._procs):
+            sel.register(proc.fileno(), selectors.EVENT_READ, k)
         try:
             while True:
                 for key, _ in sel.select():
                     if key.fd == self._wake_r:
                         os.read(self._wake_r, 4096)
                     else:
-                        self._read_acks(key.fd, sel)
+                        self._read_ack(key.data, sel)
                 while self._items:
                     item = self._items.popleft()
                     if item is None:
@@ -314,8 +278,9 @@ class Pipeline:
         if self.error is not None or not block.rows:
             self._release(block.slot)
             return
-        for event in block.events:
-            event.synchronize()  # the device copies of these rows have landed
+        for event in block.events:  # the device copies of these rows have landed
+            while not event.query():  # polled: a blocking wait would count as a sync
+                time.sleep(0.0005)
         lo, hi = min(block.rows), max(block.rows) + 1
         n_pieces = len(block.pieces)
         state = {"left": n_pieces, "slot": block.slot, "rows": rows}
@@ -328,39 +293,27 @@ class Pipeline:
                    "cols": [self._offsets.get(piece.array, 0) + piece.start, piece.width]}
             self._send(self._writer_for(piece), msg, "piece", state)
 
-    def _read_acks(self, fd: int, sel) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b""
-        if not data:
-            sel.unregister(fd)
-            proc = self._procs[self._acks[fd]]
-            try:
-                code = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                code = None
-            if self.error is None:
-                self._set_error(_describe_exit(proc.pid, code))
+    def _read_ack(self, writer: int, sel) -> None:
+        proc = self._procs[writer]
+        reply = proc.recv()
+        if reply is None:  # the process has gone
+            sel.unregister(proc.fileno())
+            self._set_error(proc.describe_exit())
             self._fail_pending()
             return
-        lines = (self._buffers[fd] + data).split(b"\n")
-        self._buffers[fd] = lines.pop()
-        for line in lines:
-            reply = json.loads(line)
-            if reply.get("error") and self.error is None:
-                self._set_error(reply["error"])
-            if reply["id"] < 0:
-                continue
-            kind, payload = self._waiting.pop(reply["id"])
-            if kind == "piece":
-                payload["left"] -= 1
-                payload["rows"].pending -= 1
-                if payload["left"] == 0 and payload["slot"] in self._inflight_slots:
-                    self._inflight_slots.discard(payload["slot"])
-                    self._release(payload["slot"])
-            elif kind == "commit" and self._queue and self._queue[0] is payload:
-                self._queue.popleft()
+        if reply.get("error"):
+            self._set_error(reply["error"])
+        if reply["id"] < 0:
+            return
+        kind, payload = self._waiting.pop(reply["id"])
+        if kind == "piece":
+            payload["left"] -= 1
+            payload["rows"].pending -= 1
+            if payload["left"] == 0 and payload["slot"] in self._inflight_slots:
+                self._inflight_slots.discard(payload["slot"])
+                self._release(payload["slot"])
+        elif kind == "commit" and self._queue and self._queue[0] is payload:
+            self._queue.popleft()
         if self.error is not None:
             self._fail_pending()
 

@@ -1,25 +1,29 @@
 """A writer process of the recording pipeline: compresses row blocks and writes them.
 
 The training process starts it as ``python -P row_writer.py CONFIG`` (see
-`ckpt_tools.recording.pipeline`). It imports numpy and zarr only, never torch or the
+`ckpt_tools.recording.writers`). It imports numpy and zarr only, never torch or the
 `ckpt_tools` package, so it starts in well under a second with ~50 MiB of its own, and the
 training process's interpreter lock is never taken by compression or file writes.
 
-The rows themselves are never sent: both processes map one shared-memory region (a file
-descriptor inherited at start), and a command names where a block lies in it. Commands
-arrive as JSON lines on one pipe, each answered by one JSON line on another:
+The rows themselves are never sent: both processes map one shared-memory region, and a
+command names where a block lies in it. Commands arrive as JSON objects, one per packet
+of a ``SOCK_SEQPACKET`` socket, and each is answered by one packet:
 
+- ``{"op": "open", "store": PATH, "group": G, "region_size": BYTES}`` with the region's
+  and the group lock's file descriptors attached (``SCM_RIGHTS``): start a session;
 - ``{"op": "write", "id": N, "array": A, "offset": BYTES, "rows": [R0, N_ROWS],
   "cols": [C0, N_COLS]}``: write the `(N_ROWS, N_COLS)` float32 block at `offset` of the
   region into ``A[R0:R0+N_ROWS, C0:C0+N_COLS]`` (the parent aligns blocks to chunks);
 - ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}}``: write the
   per-step scalars of `rows`, then set their `committed` flags (the parent sends this only
   after every block of those rows was written);
+- ``{"op": "end"}``: end the session (unmap the region, close the lock descriptor);
 - ``{"op": "close"}``: exit.
 
 A reply is ``{"id": N}`` or ``{"id": N, "error": "one line"}``. The process dies with its
-parent (``PR_SET_PDEATHSIG``), and also holds the group's lock file descriptor, so no
-writer can take the group while a block of a dead training process is still being written.
+parent (``PR_SET_PDEATHSIG``, and end of input on its socket), and holds the group's lock
+descriptor during a session, so no writer can take the group while a block of a dead
+training process is still being written.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import mmap
 import os
 import signal
+import socket
 import sys
 
 
@@ -46,17 +51,28 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Writer:
-    def __init__(self, config: dict):
+    def __init__(self, msg: dict, fds: list[int]):
         import numpy as np
         import zarr
 
         self.np = np
-        extra = {"storage_options": config["storage_options"]} if config.get(
+        self.fds = list(fds)
+        extra = {"storage_options": msg["storage_options"]} if msg.get(
             "storage_options") else {}
-        self.group = zarr.open_group(config["store"], path=config["group"], mode="r+",
+        self.group = zarr.open_group(msg["store"], path=msg["group"], mode="r+",
                                      zarr_format=3, use_consolidated=False, **extra)
-        self.region = mmap.mmap(config["region_fd"], config["region_size"])
+        self.region = mmap.mmap(self.fds[0], msg["region_size"])
         self.arrays: dict = {}
+
+    def close(self) -> None:
+        self.arrays.clear()
+        self.group = None
+        with contextlib.suppress(BufferError, ValueError):
+            self.region.close()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
 
     def array(self, name: str):
         if name not in self.arrays:
@@ -86,7 +102,7 @@ class _Writer:
 
 
 def main(argv: list[str]) -> int:
-    """Serve commands until ``close`` or end of input; see the module docstring."""
+    """Serve sessions until ``close`` or end of input; see the module docstring."""
     config = json.loads(argv[1])
     # Ctrl-C is for the training process, which stops at a step boundary and then
     # closes the writers itself.
@@ -97,27 +113,39 @@ def main(argv: list[str]) -> int:
 
     with contextlib.suppress(OSError):  # after the imports: start at full speed
         os.setpriority(os.PRIO_PROCESS, 0, int(config.get("nice", 10)))
-
     numcodecs.blosc.set_nthreads(1)  # one core per writer: add writers to scale
     zarr.config.set({"threading.max_workers": 1})
-    replies = os.fdopen(config["ack_fd"], "wb", buffering=0)
-    try:
-        writer = _Writer(config)
-    except BaseException as exc:  # reported to the parent, which names it
-        replies.write((json.dumps({"id": -1, "error": _describe(exc)}) + "\n").encode())
-        return 1
-    replies.write(b'{"id": -1}\n')
-    with os.fdopen(config["cmd_fd"], "rb") as commands:
-        for line in commands:
-            msg = json.loads(line)
-            if msg["op"] == "close":
-                break
-            reply = {"id": msg["id"]}
-            try:
-                getattr(writer, msg["op"])(msg)
-            except BaseException as exc:
-                reply["error"] = _describe(exc)
-            replies.write((json.dumps(reply) + "\n").encode())
+    sock = socket.socket(fileno=config["sock_fd"])
+    session = None
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        except OSError:
+            break
+        if not data:  # the training process has gone
+            break
+        msg = json.loads(data)
+        if msg["op"] == "close":
+            break
+        reply = {"id": msg.get("id", -1)}
+        try:
+            if msg["op"] == "open":
+                if session is not None:
+                    session.close()
+                    session = None
+                session = _Writer(msg, fds)
+            elif msg["op"] == "end":
+                if session is not None:
+                    session.close()
+                session = None
+            else:
+                getattr(session, msg["op"])(msg)
+        except BaseException as exc:  # reported to the training process, which names it
+            reply["error"] = _describe(exc)
+            for fd in fds if msg["op"] == "open" and session is None else ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        sock.send(json.dumps(reply).encode())
     return 0
 
 
