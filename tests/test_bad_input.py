@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 import zarr
-import zarr.storage._local as zarr_local
 from ckpt_tools.cli.app import app
 from conftest import TINY
 from typer.testing import CliRunner
 
 import ckpt_tools
 from ckpt_tools import batches
-from ckpt_tools.store import StoreError, check_model, check_state_dict, history_groups, store_info
+from ckpt_tools.store import (
+    StoreError,
+    check_model,
+    check_state_dict,
+    committed_count,
+    history_groups,
+    store_info,
+)
 from ckpt_tools.train import TrainingDiverged, build, train
 
 runner = CliRunner()
@@ -233,22 +241,32 @@ def test_unsafe_codec_in_consolidated_metadata(tiny_copy):
 
 
 # -- failures while recording ------------------------------------------------------------
-def test_disk_full_mid_run_keeps_what_was_recorded(small_run, tmp_path, monkeypatch):
-    real_put = zarr_local._put
+def test_disk_full_mid_run_keeps_what_was_recorded(small_run, tiny_disk, monkeypatch):
+    # The disk fills up (another program's file) while step 17's batch is drawn, once
+    # rows 0-16 are committed; every later write of the writer processes and of the
+    # training process fails with ENOSPC.
+    out = tiny_disk / "r.zarr"
+    filler = tiny_disk / "filler"
+    real = batches.batch_for_step
 
-    def full_disk(path, value, exclusive=False):
-        if "train/params/c/1/" in str(path):  # the second chunk of 16 checkpoints
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(path, value, exclusive=exclusive)
+    def fill_disk_at_17(data, step, **kwargs):
+        if step == 17:
+            deadline = time.monotonic() + 120
+            while committed_count(out, "train")[1] < 17 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(1 << 16))
+        return real(data, step, **kwargs)
 
-    out = tmp_path / "r.zarr"
-    monkeypatch.setattr(zarr_local, "_put", full_disk)
+    monkeypatch.setattr(batches, "batch_for_step", fill_disk_at_17)
     result = runner.invoke(app, ["record", *SMALL, "--out", str(out), "--resume-interval", "0"])
-    monkeypatch.setattr(zarr_local, "_put", real_put)
+    monkeypatch.setattr(batches, "batch_for_step", real)
     line = _one_line_error(result)
     assert "No space left on device" in line and str(out) in line
-    assert _rows_match(out, small_run) == list(range(16))
+    assert _rows_match(out, small_run) == list(range(17))
     # With space again, the run continues from its last resume point, bit for bit.
+    filler.unlink()
     assert runner.invoke(app, ["record", "--resume", str(out), "--quiet"]).exit_code == 0
     assert _rows_match(out, small_run) == list(range(21))
 

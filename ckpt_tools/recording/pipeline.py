@@ -148,6 +148,8 @@ class Pipeline:
         self._closing = False
         self._procs = writers_.take(max(int(writers), 1))
         fds = (region.fd,) + ((lock_fd,) if lock_fd is not None else ())
+        if "://" not in str(store):  # a kept writer may run in another directory
+            store = os.path.abspath(store)
         try:
             for proc in self._procs:
                 proc.send({"op": "open", "id": -1, "store": str(store), "group": group,
