@@ -317,7 +317,7 @@ class Recorder:
                 self._submit(seg_no)
                 block = None
             if block is None:
-                block = self._blocks[seg_no] = self._new_block(segment, first, seg_no == last)
+                block = self._blocks[seg_no] = self._new_block(segment, first, seg_no, last)
             for piece, view in block.pieces:
                 self._gather.fill(piece, view[row])
             event = self._gather.copied()
@@ -333,14 +333,15 @@ class Recorder:
         self._last = i
         return True
 
-    def _new_block(self, segment, first: int, final: bool) -> Block:
+    def _new_block(self, segment, first: int, seg_no: int, last: int) -> Block:
         slot = self._take_slot()
         base, pieces, offsets = slot * self.plan.slot_floats, [], []
         for piece in segment:
             pieces.append((piece, self._region.floats(base, (self.plan.rows, piece.width))))
             offsets.append(base * 4)
             base += self.plan.rows * piece.width
-        return Block(slot, first, pieces, offsets, final=final)
+        return Block(slot, first, pieces, offsets, final=seg_no == last,
+                     index=first // self.plan.rows, segment=seg_no)
 
     def _take_slot(self) -> int:
         while True:

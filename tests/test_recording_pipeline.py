@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_recorder import _Net, _run
@@ -14,8 +15,21 @@ from torch import nn
 import ckpt_tools
 from ckpt_tools.recording import budget
 from ckpt_tools.store import read_group_meta
+from ckpt_tools.store.integrity import row_digests
 
 MiB = 1 << 20
+
+
+def _hashes_match(path, group="train"):
+    """Every committed row's stored content hash is the hash of its stored values."""
+    import zarr
+
+    node = zarr.open_group(str(path / group), mode="r")
+    committed = np.flatnonzero(node["committed"][:])
+    stored = node["row_hash"][:][committed]
+    want = row_digests(node["params"][:][committed], node["buffers"][:][committed])
+    np.testing.assert_array_equal(stored, want)
+    assert stored.any(axis=1).all()
 
 
 def test_sizes_parse_in_binary_units():
@@ -63,6 +77,7 @@ def test_chunk_steps_follow_the_budget_and_rows_stay_exact(tmp_path):
     _run(path, "0:21:1", n=20, copies=copies, host_memory=small, writers=1)
     meta = read_group_meta(path, "train")
     assert 1 < meta["chunk_steps"] < 16
+    _hashes_match(path)
     for step in (0, 7, 20):
         got = ckpt_tools.load_state_dict(path, step)
         for name, tensor in got.items():
@@ -101,6 +116,7 @@ def test_a_row_larger_than_the_budget_is_streamed_exactly(tmp_path):
             copies[step] = {k: v.clone() for k, v in model.state_dict().items()}
     ds = ckpt_tools.open_history(tmp_path / "w.zarr")
     assert ds.loss.values[1:].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    _hashes_match(tmp_path / "w.zarr")
     for step, state in copies.items():
         got = ckpt_tools.load_state_dict(tmp_path / "w.zarr", step)
         assert all(torch.equal(got[k], v) for k, v in state.items()), step

@@ -79,6 +79,8 @@ class Block:
         scalars: Per-step scalars of the recorded rows, by name (aligned with `rows`).
         events: CUDA events that complete when the rows' device copies have landed.
         final: Whether this is the last segment of its rows (then they can commit).
+        index: The block's number along `step` (its first row // rows per block).
+        segment: Which segment of the row the block holds (0 unless streamed).
     """
 
     slot: int
@@ -89,12 +91,15 @@ class Block:
     scalars: dict[str, list[float]] = field(default_factory=dict)
     events: list = field(default_factory=list)
     final: bool = True
+    index: int = 0
+    segment: int = 0
 
 
 @dataclass
 class _Rows:
     rows: list[int]
     scalars: dict[str, list[float]]
+    hashes: dict[str, str] = field(default_factory=dict)
     pending: int = 0
     closed: bool = False
     sent: bool = False
@@ -294,6 +299,16 @@ class Pipeline:
                    "rows": [block.first + lo, hi - lo],
                    "cols": [self._offsets.get(piece.array, 0) + piece.start, piece.width]}
             self._send(self._writer_for(piece), msg, "piece", state)
+        # The rows' content hashes: one writer per block (per row when streamed, so a
+        # row's hash continues where its previous segment left it).
+        parts = [[offset, piece.width] for (piece, _), offset
+                 in zip(block.pieces, block.offsets, strict=True)
+                 if piece.array in ("params", "buffers")]
+        state["left"] += 1
+        rows.pending += 1
+        self._send(block.index % len(self._procs), {
+            "op": "hash", "first": block.first, "rows": sorted(block.rows), "parts": parts,
+            "start": block.segment == 0, "final": block.final}, "piece", state)
 
     def _read_ack(self, writer: int, sel) -> None:
         proc = self._procs[writer]
@@ -309,6 +324,7 @@ class Pipeline:
             return
         kind, payload = self._waiting.pop(reply["id"])
         if kind == "piece":
+            payload["rows"].hashes.update(reply.get("digests", {}))
             payload["left"] -= 1
             payload["rows"].pending -= 1
             if payload["left"] == 0 and payload["slot"] in self._inflight_slots:
@@ -334,8 +350,9 @@ class Pipeline:
                         self._ensure_scalar(name)
                         self._scalars_known.add(name)
                 head.sent = True
-                self._send(0, {"op": "commit", "rows": head.rows, "scalars": head.scalars},
-                           "commit", head)
+                hashes = [head.hashes.get(str(r)) for r in head.rows]
+                self._send(0, {"op": "commit", "rows": head.rows, "scalars": head.scalars,
+                               "hashes": hashes if all(hashes) else None}, "commit", head)
                 return
             kind, payload = self._queue.popleft()
             if kind == "sync":

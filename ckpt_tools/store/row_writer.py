@@ -14,9 +14,14 @@ of a ``SOCK_SEQPACKET`` socket, and each is answered by one packet:
 - ``{"op": "write", "id": N, "array": A, "offset": BYTES, "rows": [R0, N_ROWS],
   "cols": [C0, N_COLS]}``: write the `(N_ROWS, N_COLS)` float32 block at `offset` of the
   region into ``A[R0:R0+N_ROWS, C0:C0+N_COLS]`` (the parent aligns blocks to chunks);
-- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}}``: write the
-  per-step scalars of `rows`, then set their `committed` flags (the parent sends this only
-  after every block of those rows was written);
+- ``{"op": "hash", "id": N, "first": R, "rows": [...], "parts": [[OFFSET, N_COLS], ...],
+  "start": bool, "final": bool}``: feed rows `first + r` of the block's `params` and
+  `buffers` pieces (in row order) to each row's SHA-256 (`ckpt_tools.store.integrity`:
+  little-endian float32 params, then buffers); a row streamed in segments continues the
+  hash of its previous segment. With `final`, the reply carries ``"digests"`` (hex by row);
+- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}, "hashes": [...]}``:
+  write the per-step scalars and content hashes of `rows`, then set their `committed`
+  flags (the parent sends this only after every block of those rows was written);
 - ``{"op": "end"}``: end the session (unmap the region, close the lock descriptor);
 - ``{"op": "close"}``: exit.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import mmap
 import os
@@ -63,6 +69,7 @@ class _Writer:
                                      zarr_format=3, use_consolidated=False, **extra)
         self.region = mmap.mmap(self.fds[0], msg["region_size"])
         self.arrays: dict = {}
+        self.hashers: dict = {}
 
     def close(self) -> None:
         self.arrays.clear()
@@ -92,12 +99,31 @@ class _Writer:
         current[rows - lo] = values
         array[lo:hi] = current
 
+    def hash(self, msg: dict) -> dict:
+        if sys.byteorder != "little":  # the hash is over little-endian float32
+            raise RuntimeError("row hashes are computed on little-endian machines only")
+        digests = {}
+        with memoryview(self.region) as region:
+            for r in msg["rows"]:
+                row = msg["first"] + r
+                h = hashlib.sha256() if msg["start"] else self.hashers.pop(row)
+                for offset, width in msg["parts"]:
+                    h.update(region[offset + r * width * 4:offset + (r + 1) * width * 4])
+                if msg["final"]:
+                    digests[str(row)] = h.hexdigest()
+                else:
+                    self.hashers[row] = h
+        return {"digests": digests}
+
     def commit(self, msg: dict) -> None:
         rows = self.np.asarray(msg["rows"], dtype=self.np.int64)
         if rows.size == 0:
             return
         for name, values in msg.get("scalars", {}).items():
             self._set_rows(name, rows, self.np.asarray(values, dtype=self.np.float64))
+        if msg.get("hashes"):
+            digests = [self.np.frombuffer(bytes.fromhex(h), self.np.uint8) for h in msg["hashes"]]
+            self._set_rows("row_hash", rows, self.np.stack(digests))
         self._set_rows("committed", rows, True)  # last: the rows become visible
 
 
@@ -139,7 +165,7 @@ def main(argv: list[str]) -> int:
                     session.close()
                 session = None
             else:
-                getattr(session, msg["op"])(msg)
+                reply.update(getattr(session, msg["op"])(msg) or {})
         except BaseException as exc:  # reported to the training process, which names it
             reply["error"] = _describe(exc)
             for fd in fds if msg["op"] == "open" and session is None else ():
