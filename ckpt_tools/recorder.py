@@ -21,21 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ckpt_tools.provenance import provenance
 from ckpt_tools.recording import budget as _budget
+from ckpt_tools.recording import history
 from ckpt_tools.recording.gather import Gather
 from ckpt_tools.recording.pipeline import Block, Pipeline, SharedRegion
 from ckpt_tools.recording.select import patterns, select
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import (
-    HistoryWriter,
-    ResumePoint,
-    StoreError,
-    as_location,
-    first_mismatch,
-    read_group_meta,
-)
-from ckpt_tools.store.layout import ATTRS_KEY, SHARD_BYTES, row_array_layout, to_json_safe
+from ckpt_tools.store import HistoryWriter, ResumePoint, StoreError, as_location, read_group_meta
+from ckpt_tools.store.layout import SHARD_BYTES, row_array_layout
 from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 
 __all__ = ["Recorder", "default_writers"]
@@ -197,60 +190,25 @@ class Recorder:
                 n -= 1
 
     def _open_writer(self, config, *, overwrite: bool, resume: bool) -> HistoryWriter:
-        if resume:
-            writer = HistoryWriter.reopen(self.path, self.group)
-            try:
-                self._check_matches(writer, config)
-            except BaseException:
-                writer.release()
-                raise
-            return writer
-        config = config or {}
-        attrs = {
-            "config": dict(config),
-            "seed": config.get("seed"),
-            "schedule": self.schedule.to_json(),
-            "eval_schedule": self.eval_schedule.to_json() if self.eval_schedule else None,
-            "model": type(self._model).__name__,
-            "chunk_steps": self.plan.rows,
-            "include": self._patterns["include"],
-            "exclude": self._patterns["exclude"],
-            # CPU reductions split work by thread; an exact resume uses the same count.
-            "torch_threads": torch.get_num_threads(),
-        }
-        return HistoryWriter.create(
-            self.path, self.group, steps=self.schedule.steps, params=self.params,
-            buffers=self.buffers, attrs=attrs, root_attrs=provenance(),
-            eval_steps=self.eval_schedule.steps if self.eval_schedule else (),
-            overwrite=overwrite, chunk_steps=self.plan.rows, codec=self._codec,
-            shard_bytes=self._shard_bytes,
-        )
-
-    def _check_matches(self, writer: HistoryWriter, config: Mapping | None) -> None:
-        where = f"group '{self.group}' in {self.path}"
-        meta = writer.group.attrs[ATTRS_KEY]
-        for key in ("include", "exclude"):
-            stored = tuple(meta[key]) if meta.get(key) else None
-            if stored != self._patterns[key]:
-                raise StoreError(f"{where} was recorded with {key}={list(stored or [])}, not "
-                                 f"{list(self._patterns[key] or [])}; resume with the same "
-                                 "tensor selection")
-        for kind, stored, ours in (("parameter", writer.params, self.params),
-                                   ("buffer", writer.buffers, self.buffers)):
-            problem = first_mismatch(stored, ours, kind=kind)
-            if problem:
-                raise StoreError(f"{where} was recorded from another architecture: {problem}; "
-                                 "resume with the same model or record into a new store")
-        if tuple(int(s) for s in writer.steps) != self.schedule.steps:
-            raise StoreError(f"{where} has a different schedule")
-        if config is None:  # the caller does not say: nothing to compare
-            return
-        stored = meta.get("config", {})
-        given = to_json_safe(dict(config))
-        for key in sorted(set(stored) | set(given)):
-            if stored.get(key) != given.get(key):
-                raise StoreError(f"{where} was recorded with {key}={stored.get(key)!r}, not "
-                                 f"{given.get(key)!r}; resume with the stored configuration")
+        if not resume:
+            return history.create(
+                self.path, self.group, model=type(self._model).__name__,
+                schedule=self.schedule, eval_schedule=self.eval_schedule, params=self.params,
+                buffers=self.buffers, patterns=self._patterns, config=config,
+                overwrite=overwrite, chunk_steps=self.plan.rows, codec=self._codec,
+                shard_bytes=self._shard_bytes,
+            )
+        writer = HistoryWriter.reopen(self.path, self.group)
+        try:
+            history.check_matches(
+                writer, where=f"group '{self.group}' in {self.path}", params=self.params,
+                buffers=self.buffers, schedule=self.schedule, patterns=self._patterns,
+                config=config,
+            )
+        except BaseException:
+            writer.release()
+            raise
+        return writer
 
     def _start(self) -> None:
         # The layout of the arrays as stored decides the pieces (a resumed store may have
