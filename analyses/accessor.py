@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import xarray as xr
-from ckpt_tools.analyses._history import as_history, buffer_table, param_table
 
+from ckpt_tools.analyses._history import as_history, buffer_table, param_table
 from ckpt_tools.schedule import nearest
 from ckpt_tools.store import StoreError
 from ckpt_tools.tensors import TensorSpec, split_row

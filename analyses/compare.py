@@ -12,6 +12,8 @@ from __future__ import annotations
 import dask
 import numpy as np
 import xarray as xr
+from dask import delayed
+
 from ckpt_tools.analyses._history import (
     History,
     NotApplicable,
@@ -19,8 +21,6 @@ from ckpt_tools.analyses._history import (
     param_table,
     select_layers,
 )
-from dask import delayed
-
 from ckpt_tools.api import open_history
 from ckpt_tools.store import ATTRS_KEY
 
@@ -155,6 +155,7 @@ def _layer_sums(xa, xb, bounds: np.ndarray) -> dict[str, np.ndarray]:
 def chart(result: xr.Dataset):
     """L2 distance, cosine similarity and sign agreement of the two runs over the steps."""
     import altair as alt
+
     from ckpt_tools.analyses.report import charts
 
     other = result.attrs.get(ATTRS_KEY, {}).get("options", {}).get("against", "other run")

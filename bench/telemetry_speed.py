@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ckpt_tools.analyses import telemetry
 from numcodecs import blosc
 
 import ckpt_tools
 from ckpt_tools import models
+from ckpt_tools.analyses import telemetry
 from ckpt_tools.store import history_meta, open_chunks
 from ckpt_tools.synthetic import write_synthetic_history
 from ckpt_tools.tensors import param_specs, specs_from_json, split_row

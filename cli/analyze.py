@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.analyses import registry
-from ckpt_tools.cli.dask_progress import track
-from ckpt_tools.cli.errors import USAGE, fail, friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ckpt_tools.analyses import registry
 from ckpt_tools.api import open_history
+from ckpt_tools.cli.dask_progress import track
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.schedule import Schedule
 from ckpt_tools.store import result_path
 

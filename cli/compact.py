@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import fail, friendly
 
+from ckpt_tools.cli.errors import fail, friendly
 from ckpt_tools.store.compact import compact_store
 
 __all__ = ["compact"]

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import friendly
 
+from ckpt_tools.cli.errors import friendly
 from ckpt_tools.exporter import ExportFormat, export_step
 
 __all__ = ["export"]

@@ -6,11 +6,11 @@ import json
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
+from ckpt_tools.cli.errors import friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.store import store_info
 
 __all__ = ["info"]

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import USAGE, fail, friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.store import Codec, Location
 from ckpt_tools.train import TrainConfig, train, with_overrides
 

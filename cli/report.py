@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.location import StorageOptions, store_location
-
 from ckpt_tools.store import Location
 
 __all__ = ["report"]
