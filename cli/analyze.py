@@ -66,8 +66,8 @@ def _check_device(device: str) -> None:
                    "use --device cpu", USAGE)
 
 
-def parse_against(spec: str, store: Path) -> tuple[str, str]:
-    """``OTHER.zarr[:GROUP]`` (or ``:GROUP``, this store) as ``(store, group)``.
+def parse_against(spec: str) -> tuple[str | None, str]:
+    """``OTHER.zarr[:GROUP]`` (or ``:GROUP``: None, this store) as ``(store, group)``.
 
     A URL's ``scheme://`` is not a group separator: ``s3://b/run.zarr:imp/level_1``.
     """
@@ -77,7 +77,7 @@ def parse_against(spec: str, store: Path) -> tuple[str, str]:
     if not group:
         raise fail(f"--against {spec!r}: empty group after ':'; give OTHER.zarr[:GROUP]",
                    USAGE)
-    return (path or str(store)), group
+    return (path or None), group
 
 
 @friendly
@@ -108,7 +108,8 @@ def analyze(
         _check_device(device)
     stored = open_history(store, group)["step"].values
     if against is not None:
-        other, other_group = parse_against(against, store)
+        other, other_group = parse_against(against)
+        other = store if other is None else store_location(other, storage_options)
         open_history(other, other_group)  # a missing store or group fails here, in one line
     if stored.size == 0:
         raise fail(f"'{group}' in {store} has no recorded steps yet")
@@ -120,7 +121,7 @@ def analyze(
         picked = sorted(set(wanted) & {int(s) for s in stored})
         options["evaluate"]["steps"] = picked
     if against is not None:
-        options["compare"] = {"against": str(other), "against_group": other_group}
+        options["compare"] = {"against": other, "against_group": other_group}
     console = Console(stderr=True)
     done, skipped = [], []
     with _client(workers, scheduler) as client, Progress(
