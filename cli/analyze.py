@@ -81,14 +81,32 @@ def parse_against(spec: str) -> tuple[str | None, str]:
 
 @friendly
 def analyze(
-    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
-    only: Annotated[list[str] | None, typer.Option("--only", help="Analyses to run, comma-separated or repeated (default: every registered one).")] = None,  # noqa: E501
+    store: Annotated[str, typer.Argument(
+        help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).",
+    )],
+    only: Annotated[list[str] | None, typer.Option(
+        "--only",
+        help="Analyses to run, comma-separated or repeated (default: every registered one).",
+    )] = None,
     group: Annotated[str, typer.Option(help="The recorded history to analyse.")] = "train",
-    workers: Annotated[int | None, typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,  # noqa: E501
-    scheduler: Annotated[str | None, typer.Option(help="Run on the dask.distributed cluster at this address (tcp://host:port).")] = None,  # noqa: E501
-    eval_steps: Annotated[str | None, typer.Option(help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); only recorded steps are used (default: every recorded step).")] = None,  # noqa: E501
-    against: Annotated[str | None, typer.Option(help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, or :GROUP for a group of this store.")] = None,  # noqa: E501
-    device: Annotated[str, typer.Option(help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device (cuda, cuda:1); chunks are always decoded on the CPU.")] = "cpu",  # noqa: E501
+    workers: Annotated[int | None, typer.Option(
+        help="Run on a local dask cluster of N worker processes.",
+    )] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run on the dask.distributed cluster at this address (tcp://host:port).",
+    )] = None,
+    eval_steps: Annotated[str | None, typer.Option(
+        help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); "
+        "only recorded steps are used (default: every recorded step).",
+    )] = None,
+    against: Annotated[str | None, typer.Option(
+        help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, "
+        "or :GROUP for a group of this store.",
+    )] = None,
+    device: Annotated[str, typer.Option(
+        help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device "
+        "(cuda, cuda:1); chunks are always decoded on the CPU.",
+    )] = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:

@@ -20,7 +20,9 @@ def _mib(n: int) -> str:
 @friendly
 def compact(
     store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
-    group: Annotated[str | None, typer.Option(help="One history group (default: every history in the store).")] = None,  # noqa: E501
+    group: Annotated[str | None, typer.Option(
+        help="One history group (default: every history in the store).",
+    )] = None,
 ) -> None:
     """Compress the uncompressed histories of a store in place, chunk by chunk.
 

@@ -26,7 +26,9 @@ def _size(n: int) -> str:
 
 @friendly
 def info(
-    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
+    store: Annotated[str, typer.Argument(
+        help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).",
+    )],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
