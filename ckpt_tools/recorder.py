@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ckpt_tools.optim_state import ARRAY_PREFIX, state_names
 from ckpt_tools.recording import budget as _budget
 from ckpt_tools.recording import history
 from ckpt_tools.recording.gather import Gather
@@ -28,6 +29,7 @@ from ckpt_tools.recording.pipeline import Block, Pipeline, SharedRegion
 from ckpt_tools.recording.select import patterns, select
 from ckpt_tools.schedule import Schedule
 from ckpt_tools.store import HistoryWriter, ResumePoint, StoreError, as_location, read_group_meta
+from ckpt_tools.store.history_extras import batch_width
 from ckpt_tools.store.layout import SHARD_BYTES, row_array_layout
 from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 
@@ -90,12 +92,17 @@ class Recorder:
             ``ckpt compact``). A resumed group keeps the codec it was created with.
         storage_options: Options for the file system of a URL `path` (for s3fs:
             ``endpoint_url``, ``key``, ``secret``, ...), on top of the AWS environment.
+        optimizer_state: Also record `optimizer`'s per-weight state (SGD's momentum,
+            Adam's ``exp_avg`` and ``exp_avg_sq``, ...) at every recorded step, each entry
+            as an ``optim_<entry>`` array laid out like ``params``
+            (`ckpt_tools.optim_state`). None: as the resumed group was recorded, else no.
 
     Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
 
     Raises:
         ValueError: `host_memory` cannot hold one row (the message names the smallest
-            budget that works), or the patterns select no tensor.
+            budget that works), the patterns select no tensor, or `optimizer_state` is
+            asked without an optimizer that keeps per-weight state.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class Recorder:
         exclude: str | Sequence[str] | None = None,
         codec: str = "lz4",
         storage_options: Mapping | None = None,
+        optimizer_state: bool | None = None,
     ):
         self.path, self.group = as_location(path, storage_options), group
         self.schedule = _as_schedule(schedule)
@@ -126,8 +134,22 @@ class Recorder:
         self._index = {s: i for i, s in enumerate(self.schedule.steps)}
         self._last = -1
         self._closed = True
+        self._hooks: list = []  # optimizer hooks of `attach`
+        self._batch_width: int | None = None  # of the `batch` array, once known
+        self._states: tuple[str, ...] = ()
         if not self.active:
             return
+        if optimizer_state is None:  # as the resumed group was recorded, else no
+            optimizer_state = False
+            if resume:
+                with contextlib.suppress(StoreError):
+                    optimizer_state = bool(read_group_meta(self.path, group)
+                                           .get("optimizer_state"))
+        if optimizer_state:
+            if optimizer is None:
+                raise ValueError("optimizer_state=True needs the optimizer: "
+                                 "Recorder(..., optimizer=opt, optimizer_state=True)")
+            self._states = state_names(optimizer)
         budget = _budget.parse_bytes(host_memory) if host_memory is not None \
             else _budget.default_host_memory()
         if writers is not None and int(writers) < 1:
@@ -160,13 +182,15 @@ class Recorder:
         return chosen
 
     def _widths(self) -> dict[str, int]:
-        return {"params": sum(s.size for s in self.params),
-                "buffers": sum(s.size for s in self.buffers), "grad_norm": len(self.params)}
+        n_params = sum(s.size for s in self.params)
+        return {"params": n_params, "buffers": sum(s.size for s in self.buffers),
+                "grad_norm": len(self.params),
+                **{ARRAY_PREFIX + name: n_params for name in self._states}}
 
     def _units(self, rows: int) -> dict[str, int]:
         # Columns per storage unit of a new group's arrays (a shard, else a chunk).
         out = {}
-        for name in ("params", "buffers"):
+        for name in self._row_arrays():
             layout = row_array_layout(self._widths()[name], rows, codec=self._codec,
                                       shard_bytes=self._shard_bytes)
             out[name] = (layout["shards"] or layout["chunks"])[1]
@@ -189,6 +213,10 @@ class Recorder:
                     raise
                 n -= 1
 
+    def _row_arrays(self) -> list[str]:
+        """The `(step, x)` arrays written in chunk-aligned pieces."""
+        return ["params", "buffers", *(ARRAY_PREFIX + name for name in self._states)]
+
     def _open_writer(self, config, *, overwrite: bool, resume: bool) -> HistoryWriter:
         if not resume:
             return history.create(
@@ -196,14 +224,14 @@ class Recorder:
                 schedule=self.schedule, eval_schedule=self.eval_schedule, params=self.params,
                 buffers=self.buffers, patterns=self._patterns, config=config,
                 overwrite=overwrite, chunk_steps=self.plan.rows, codec=self._codec,
-                shard_bytes=self._shard_bytes,
+                shard_bytes=self._shard_bytes, optimizer_state=self._states,
             )
         writer = HistoryWriter.reopen(self.path, self.group)
         try:
             history.check_matches(
                 writer, where=f"group '{self.group}' in {self.path}", params=self.params,
                 buffers=self.buffers, schedule=self.schedule, patterns=self._patterns,
-                config=config,
+                config=config, optimizer_state=self._states,
             )
         except BaseException:
             writer.release()
@@ -213,15 +241,17 @@ class Recorder:
     def _start(self) -> None:
         # The layout of the arrays as stored decides the pieces (a resumed store may have
         # been made with other chunks).
-        units = {name: self._writer.block_shape(name)[1] for name in ("params", "buffers")}
+        units = {name: self._writer.block_shape(name)[1] for name in self._row_arrays()}
         self._writer.ensure_row_hashes()
         self.plan = self._plan(self.plan.budget, self.plan.writers, units,
                                chunk=self._writer.chunk_steps)
         self.chunk_steps = self._writer.chunk_steps
+        self._batch_width = batch_width(self._writer.group)
         self._region = SharedRegion(self.plan.slots * self.plan.slot_floats * 4)
         self._pinned = self._pin_region()
         self._gather = Gather(self._model, self.params, self.buffers,
-                              [p for seg in self.plan.segments for p in seg], self._optimizer)
+                              [p for seg in self.plan.segments for p in seg], self._optimizer,
+                              optimizer_state=self._states)
         self._blocks: dict[int, Block] = {}
         lock = self._writer.lock
         self._pipe = Pipeline(
@@ -230,6 +260,7 @@ class Recorder:
             storage_options=self.path.storage_options,
             lock_fd=getattr(lock, "fileno", lambda: None)(),
             control=self._control, ensure_scalar=self._writer.ensure_scalar,
+            ensure_batch=lambda: self._writer.ensure_batch(self._batch_width),
         )
 
     def _pin_region(self) -> bool:
@@ -243,14 +274,31 @@ class Recorder:
         return code == 0
 
     # -- hot path -----------------------------------------------------------------------
-    def record(self, step: int, **scalars: float) -> bool:
+    def record(
+        self,
+        step: int,
+        *,
+        grad_norm: Sequence[float] | torch.Tensor | None = None,
+        batch: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        **scalars: float,
+    ) -> bool:
         """Copy the model's state if `step` is scheduled; return whether it was recorded.
 
         Call it after the optimizer update, so step s holds the weights after s updates.
         Scalars (e.g. ``loss=...``) are stored per step under their keyword names.
 
+        Args:
+            step: Optimizer updates done so far.
+            grad_norm: The L2 norm of each parameter tensor's gradient, in
+                `named_parameters` order, when measured before the gradients were cleared
+                (default: measured now from ``.grad``; NaN where there is none).
+            batch: The example ids (non-negative integers) of the batch of update `step`;
+                no wider than the first batch recorded (see ``docs/store-format.md``).
+            **scalars: Per-step numbers, by name.
+
         Raises:
-            ValueError: if `step` is not later than the previously recorded step.
+            ValueError: if `step` is not later than the previously recorded step, or
+                `grad_norm` or `batch` do not fit (nothing is recorded then).
             RuntimeError: if writing failed (a writer process died, the disk is full):
                 the message names the cause; steps committed before stay stored.
         """
@@ -263,11 +311,18 @@ class Recorder:
             raise ValueError(f"step {step} recorded out of order (after step "
                              f"{self.schedule.steps[self._last]})")
         self._raise_writer_error()
+        ids = self._batch_ids(step, batch) if batch is not None else None
+        if grad_norm is not None:
+            grad_norm = np.asarray(torch.as_tensor(grad_norm).detach().float().cpu(),
+                                   dtype=np.float32).reshape(-1)
+            if grad_norm.size != len(self.params):
+                raise ValueError(f"grad_norm holds {grad_norm.size} norms; the recorded "
+                                 f"model has {len(self.params)} parameter tensors")
         rows = self.plan.rows
         first, row = i - i % rows, i % rows
         if self._optimizer is not None and "lr" not in scalars:
             scalars["lr"] = self._optimizer.param_groups[0]["lr"]
-        self._gather.begin()
+        self._gather.begin(grad_norm)
         last = len(self.plan.segments) - 1
         for seg_no, segment in enumerate(self.plan.segments):
             block = self._blocks.get(seg_no)
@@ -283,6 +338,7 @@ class Recorder:
                 block.events.append(event)
             if block.final:
                 self._add_scalars(block, row, scalars)
+                block.batches.append(ids)
             else:
                 block.rows.append(row)
             if row == rows - 1 or last:
@@ -290,6 +346,17 @@ class Recorder:
         self._gather.end()
         self._last = i
         return True
+
+    def _batch_ids(self, step: int, batch) -> np.ndarray:
+        ids = np.asarray(torch.as_tensor(batch).detach().cpu()).reshape(-1)
+        if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0):
+            raise ValueError(f"batch ids at step {step} must be non-negative integers")
+        width = self._batch_width if self._batch_width is not None else ids.size
+        if ids.size > width:
+            raise ValueError(f"{ids.size} example ids at step {step}, more than the "
+                             f"{width} of the first recorded batch (the width of 'batch')")
+        self._batch_width = width
+        return ids.astype(np.int64)
 
     def _new_block(self, segment, first: int, seg_no: int, last: int) -> Block:
         slot = self._take_slot()
@@ -335,6 +402,34 @@ class Recorder:
     def _submit_all(self) -> None:
         for seg_no in sorted(self._blocks):
             self._submit(seg_no)
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, start_step: int = 0):
+        """Record from `optimizer`'s step post-hook: the loop itself needs no change.
+
+        Records `start_step` now (the weights as they are), then, counting the updates
+        itself, step ``start_step + s`` right after the s-th `optimizer.step()` (a no-op
+        off the schedule), with the update's learning rate and gradient norms. `close`
+        removes the hook.
+
+        Args:
+            optimizer: The optimizer that updates the recorded model.
+            start_step: Updates already done (when the loop continues a run).
+
+        Returns:
+            The hook's handle (``handle.remove()`` stops recording from it).
+        """
+        if self._optimizer is None:  # its learning rate goes with every step
+            self._optimizer = optimizer
+        count = [int(start_step)]
+        self.record(count[0])
+
+        def after_step(opt, args, kwargs) -> None:
+            count[0] += 1
+            self.record(count[0])
+
+        handle = optimizer.register_step_post_hook(after_step)
+        self._hooks.append(handle)
+        return handle
 
     # -- everything else goes behind the rows -------------------------------------------
     def log_eval(self, step: int, **metrics: float) -> bool:
@@ -391,6 +486,9 @@ class Recorder:
 
     def close(self) -> None:
         """Flush, stop the writers and re-consolidate metadata; raise any writer error."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         if self._closed or not self.active:
             self._closed = True
             return

@@ -77,6 +77,7 @@ class Block:
         offsets: Byte offset of each piece's view in the region.
         rows: Slot rows recorded so far (0-based within the slot).
         scalars: Per-step scalars of the recorded rows, by name (aligned with `rows`).
+        batches: Example ids of each recorded row's batch, or None (aligned with `rows`).
         events: CUDA events that complete when the rows' device copies have landed.
         final: Whether this is the last segment of its rows (then they can commit).
         index: The block's number along `step` (its first row // rows per block).
@@ -89,6 +90,7 @@ class Block:
     offsets: list[int]
     rows: list[int] = field(default_factory=list)
     scalars: dict[str, list[float]] = field(default_factory=dict)
+    batches: list = field(default_factory=list)
     events: list = field(default_factory=list)
     final: bool = True
     index: int = 0
@@ -100,6 +102,7 @@ class _Rows:
     rows: list[int]
     scalars: dict[str, list[float]]
     hashes: dict[str, str] = field(default_factory=dict)
+    batches: list = field(default_factory=list)
     pending: int = 0
     closed: bool = False
     sent: bool = False
@@ -118,6 +121,7 @@ class Pipeline:
         control: Runs a control item (`("eval", ...)`, ...) with the training process's
             writer, on the coordinator thread, after the rows queued before it commit.
         ensure_scalar: Creates a scalar array before its first rows are written.
+        ensure_batch: Creates the `batch` array before the first example ids are written.
         column_offsets: First store column of this process's rows, per array (0 unless
             several processes each write a slice of the columns).
     """
@@ -133,10 +137,12 @@ class Pipeline:
         lock_fd: int | None,
         control: Callable[[tuple], None],
         ensure_scalar: Callable[[str], None],
+        ensure_batch: Callable[[], None] | None = None,
         column_offsets: Mapping[str, int] | None = None,
         storage_options: Mapping | None = None,
     ):
         self.region, self._control, self._ensure_scalar = region, control, ensure_scalar
+        self._ensure_batch, self._batch_known = ensure_batch, False
         self._offsets = dict(column_offsets or {})
         self.error: str | None = None
         self.free: queue.Queue[int] = queue.Queue()
@@ -281,6 +287,7 @@ class Pipeline:
         if block.final:
             rows.rows = [block.first + r for r in block.rows]
             rows.scalars = block.scalars
+            rows.batches = block.batches
             rows.closed = True
         if self.error is not None or not block.rows:
             self._release(block.slot)
@@ -349,10 +356,16 @@ class Pipeline:
                     if name not in self._scalars_known:
                         self._ensure_scalar(name)
                         self._scalars_known.add(name)
+                msg = {"op": "commit", "rows": head.rows, "scalars": head.scalars}
+                if any(b is not None for b in head.batches):
+                    if not self._batch_known:
+                        self._ensure_batch()
+                        self._batch_known = True
+                    msg["batch"] = [None if b is None else b.tolist() for b in head.batches]
                 head.sent = True
                 hashes = [head.hashes.get(str(r)) for r in head.rows]
-                self._send(0, {"op": "commit", "rows": head.rows, "scalars": head.scalars,
-                               "hashes": hashes if all(hashes) else None}, "commit", head)
+                msg["hashes"] = hashes if all(hashes) else None
+                self._send(0, msg, "commit", head)
                 return
             kind, payload = self._queue.popleft()
             if kind == "sync":

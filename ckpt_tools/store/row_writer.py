@@ -19,9 +19,11 @@ of a ``SOCK_SEQPACKET`` socket, and each is answered by one packet:
   `buffers` pieces (in row order) to each row's SHA-256 (`ckpt_tools.store.integrity`:
   little-endian float32 params, then buffers); a row streamed in segments continues the
   hash of its previous segment. With `final`, the reply carries ``"digests"`` (hex by row);
-- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}, "hashes": [...]}``:
-  write the per-step scalars and content hashes of `rows`, then set their `committed`
-  flags (the parent sends this only after every block of those rows was written);
+- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}, "hashes": [...],
+  "batch": [...]}``: write the per-step scalars and content hashes of `rows` and their
+  batches' example ids (optional: a list of ids or null per row, padded with -1 to the
+  width of ``batch``), then set their `committed` flags (the parent sends this only after
+  every block of those rows was written);
 - ``{"op": "end"}``: end the session (unmap the region, close the lock descriptor);
 - ``{"op": "close"}``: exit.
 
@@ -124,6 +126,12 @@ class _Writer:
         if msg.get("hashes"):
             digests = [self.np.frombuffer(bytes.fromhex(h), self.np.uint8) for h in msg["hashes"]]
             self._set_rows("row_hash", rows, self.np.stack(digests))
+        if msg.get("batch"):
+            ids = self.np.full((rows.size, self.array("batch").shape[1]), -1, self.np.int64)
+            for i, row_ids in enumerate(msg["batch"]):
+                if row_ids:
+                    ids[i, :len(row_ids)] = row_ids
+            self._set_rows("batch", rows, ids)
         self._set_rows("committed", rows, True)  # last: the rows become visible
 
 
