@@ -6,9 +6,8 @@ import re
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from ckpt_tools.cli.app import app
+from typer.testing import CliRunner
 
 COMMAND = typer.main.get_command(app)
 NAMES = sorted(COMMAND.commands)

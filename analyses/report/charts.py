@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 
 import altair as alt
 import xarray as xr
-
 from ckpt_tools.analyses.report._chartdata import (
     MAX_POINTS,
     STEP_TITLE,

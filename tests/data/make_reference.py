@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ckpt_tools.analyses import telemetry
+
 from ckpt_tools.synthetic import synthetic_specs, write_synthetic_history
 
 HERE = Path(__file__).parent
