@@ -96,20 +96,29 @@ def _block(chunk, w0, wf, cuts, trace_cols, device):
     x = chunk()
     xt = _time_major(x)
     if device is None:
-        from ckpt_tools.analyses._kernel import chunk_sums
-
-        floats = np.empty((len(_FLOAT_SUMS), xt.shape[1], len(cuts)))
-        counts = np.empty((2, xt.shape[1], len(cuts)), np.int64)
-        chunk_sums(xt, w0, wf, cuts, floats, counts)
+        floats, counts, edges = _kernel_sums(xt, w0, wf, cuts)
     else:
         floats, counts = _torch_sums(xt, w0, wf, cuts, device)
+        edges = (xt[:, 0].copy(), xt[:, -1].copy())
     sums = {name: floats[i] for i, name in enumerate(_FLOAT_SUMS) if name != "step_sq"}
     sums["init_flips"] = counts[0].astype(np.float64)
     if len(x) > 1:
         sums["step_sq"] = floats[_FLOAT_SUMS.index("step_sq"), 1:]
         sums["step_flips"] = counts[1, 1:].astype(np.float64)
     sums["traces"] = np.array(xt[trace_cols].T, dtype=np.float32)
-    return sums, (xt[:, 0].copy(), xt[:, -1].copy())
+    return sums, edges
+
+
+def _kernel_sums(xt, w0, wf, cuts):
+    """The compiled kernel's sums of one time-major chunk, and its first and last rows."""
+    from ckpt_tools.analyses._kernel import chunk_sums
+
+    c, k = xt.shape
+    floats = np.empty((len(_FLOAT_SUMS), k, len(cuts)))
+    counts = np.empty((2, k, len(cuts)), np.int64)
+    first, last = np.empty(c, np.float32), np.empty(c, np.float32)
+    chunk_sums(xt, w0, wf, cuts, floats, counts, first, last)
+    return floats, counts, (first, last)
 
 
 def _torch_sums(xt, w0, wf, cuts, device):
@@ -143,12 +152,9 @@ def _torch_sums(xt, w0, wf, cuts, device):
 
 def _boundary(before, after, cuts):
     """Step-to-step sums between the last row of one chunk and the first of the next."""
-    prev, cur = before[1].astype(np.float64), after[0].astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.add.reduceat(np.square(cur - prev), cuts) if len(cuts) else np.zeros(0)
-        flips = np.add.reduceat((cur * prev < 0).astype(np.int64), cuts) if len(cuts) else (
-            np.zeros(0))
-    return sq, flips.astype(np.float64)
+    pair = np.stack([before[1], after[0]], axis=1)  # (columns, 2): time-major
+    floats, counts, _ = _kernel_sums(pair, pair[:, 0], pair[:, 1], cuts)
+    return floats[_FLOAT_SUMS.index("step_sq"), 1], counts[1, 1].astype(np.float64)
 
 
 def _row(chunk, i):

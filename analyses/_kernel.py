@@ -17,7 +17,7 @@ __all__ = ["chunk_sums"]
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def chunk_sums(xt, w0, wf, cuts, floats, counts):
+def chunk_sums(xt, w0, wf, cuts, floats, counts, first, last):
     """Per-layer sums of one chunk, written into `floats` and `counts`.
 
     Args:
@@ -30,6 +30,9 @@ def chunk_sums(xt, w0, wf, cuts, floats, counts):
             (w-w0)**2, (w-wf)**2, and (w_t - w_{t-1})**2 (row 0 of the last is 0).
         counts: (2, steps, segments) int64 output: #{w*w0 < 0} and #{w_t*w_{t-1} < 0}
             (row 0 of the last is 0).
+        first: (columns,) float32 output: the chunk's first row (copied in the same pass;
+            copying a row out of a time-major chunk alone would read all of it).
+        last: (columns,) float32 output: the chunk's last row.
 
     Every term is computed in float64 from the float32 values (products and differences
     of two float32 are exact in float64, so a sign test on the product is exact: zero has
@@ -47,6 +50,8 @@ def chunk_sums(xt, w0, wf, cuts, floats, counts):
         for i in range(lo, hi):
             a = np.float64(w0[i])
             b = np.float64(wf[i])
+            first[i] = xt[i, 0]
+            last[i] = xt[i, k - 1]
             for t in range(k):
                 x = np.float64(xt[i, t])
                 p = x * a

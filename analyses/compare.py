@@ -12,6 +12,8 @@ from __future__ import annotations
 import dask
 import numpy as np
 import xarray as xr
+from dask import delayed
+
 from ckpt_tools.analyses._history import (
     History,
     NotApplicable,
@@ -19,8 +21,6 @@ from ckpt_tools.analyses._history import (
     param_table,
     select_layers,
 )
-from dask import delayed
-
 from ckpt_tools.api import open_history
 from ckpt_tools.store import ATTRS_KEY
 
@@ -49,8 +49,8 @@ def compute(
     Args:
         history: A store path (its ``train`` history), a `DataTree` node or a history
             Dataset.
-        against: The other history: a store path (its group `against_group`), a node or a
-            Dataset.
+        against: The other history: a store path or URL (or a ``Location``; its group
+            `against_group`), a node or a Dataset.
         against_group: The group of `against` when it is a path.
         weights: ``"prunable"`` (conv and linear weights) or ``"all"`` parameters.
 
@@ -66,8 +66,8 @@ def compute(
         raise NotApplicable("no second history to compare with (ckpt analyze RUN.zarr "
                             "--against OTHER.zarr[:GROUP])")
     a = as_history(history)
-    b = open_history(against, against_group) if isinstance(against, str | bytes) or hasattr(
-        against, "__fspath__") else as_history(against)
+    b = as_history(against) if isinstance(against, xr.Dataset | xr.DataTree) else (
+        open_history(against, against_group))
     specs = param_table(a)
     if [(s.name, s.shape) for s in specs] != [(s.name, s.shape) for s in param_table(b)]:
         raise ValueError("the two histories record different parameters (names or shapes "
@@ -102,12 +102,12 @@ def compute(
     return out
 
 
-def _describe(against: History, group: str) -> str:
-    if isinstance(against, str | bytes) or hasattr(against, "__fspath__"):
-        return f"{against}:{group}"
+def _describe(against, group: str) -> str:
     if isinstance(against, xr.DataTree):
         return f"node {against.path}"
-    return "a history Dataset"
+    if isinstance(against, xr.Dataset):
+        return "a history Dataset"
+    return f"{against}:{group}"
 
 
 def _metrics(s: dict[str, np.ndarray], n) -> dict[str, np.ndarray]:
@@ -155,6 +155,7 @@ def _layer_sums(xa, xb, bounds: np.ndarray) -> dict[str, np.ndarray]:
 def chart(result: xr.Dataset):
     """L2 distance, cosine similarity and sign agreement of the two runs over the steps."""
     import altair as alt
+
     from ckpt_tools.analyses.report import charts
 
     other = result.attrs.get(ATTRS_KEY, {}).get("options", {}).get("against", "other run")

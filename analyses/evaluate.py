@@ -17,11 +17,11 @@ import dask
 import numpy as np
 import torch
 import xarray as xr
-from ckpt_tools.analyses._history import History, NotApplicable, as_history
 from dask import delayed
 
 from ckpt_tools import data as datasets
 from ckpt_tools import models
+from ckpt_tools.analyses._history import History, NotApplicable, as_history
 from ckpt_tools.store import ATTRS_KEY
 from ckpt_tools.tensors import specs_from_json, split_row
 from ckpt_tools.train import TrainConfig

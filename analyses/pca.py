@@ -18,8 +18,8 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from ckpt_tools.analyses._history import History, as_history, param_table, select_layers
 
+from ckpt_tools.analyses._history import History, as_history, param_table, select_layers
 from ckpt_tools.store import ATTRS_KEY
 
 __all__ = ["chart", "compute", "trajectory_pca"]

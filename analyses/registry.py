@@ -16,8 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 import xarray as xr
-from ckpt_tools.analyses._history import NotApplicable
 
+from ckpt_tools.analyses._history import NotApplicable
 from ckpt_tools.api import open_history
 from ckpt_tools.store import write_result
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dask
 import numpy as np
 import xarray as xr
-from ckpt_tools.analyses._history import History, as_history, param_table, select_layers
 from dask import delayed
 
+from ckpt_tools.analyses._history import History, as_history, param_table, select_layers
 from ckpt_tools.store import ATTRS_KEY
 
 __all__ = ["VARIABLES", "chart", "compute"]
@@ -130,6 +130,7 @@ def _singular_values(params, specs, shapes, rank) -> np.ndarray:
 def chart(result: xr.Dataset):
     """Stable rank and effective rank of each layer over the steps, side by side."""
     import altair as alt
+
     from ckpt_tools.analyses.report import charts
 
     return alt.hconcat(charts.chart_by_layer(result, "stable_rank"),

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import xarray as xr
+
 from ckpt_tools.analyses._fused import LayerSums, layer_sums
 from ckpt_tools.analyses._history import History, as_history, param_table, select_layers
-
 from ckpt_tools.store import ATTRS_KEY, CHUNK_STEPS
 
 __all__ = ["BY_LAYER", "VARIABLES", "chart", "compute", "figures"]
@@ -195,6 +195,7 @@ def _metrics(s: dict, n, grad: np.ndarray, steps: np.ndarray) -> dict[str, np.nd
 def chart(result: xr.Dataset):
     """The telemetry panels of `result`, in a grid (`ckpt_tools.analyses.report.charts`)."""
     import altair as alt
+
     from ckpt_tools.analyses.report import charts
 
     panels = [

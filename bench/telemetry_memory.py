@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="measure this store instead")
     parser.add_argument("--full-only", action="store_true",
                         help="only the whole history, glibc's default allocator settings")
+    parser.add_argument("--fixed-threshold", action="store_true",
+                        help="with --full-only: the fixed mmap threshold instead")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     try:
@@ -80,7 +82,9 @@ def main() -> None:
               f"{'growth':>8} {'raw/peak':>8} {'GB/s':>6}")
         settings = (("glibc default", {}),
                     ("mmap threshold 4 MiB", {"MALLOC_MMAP_THRESHOLD_": "4194304"}))
-        for label, env in settings[:1] if args.full_only else settings:
+        if args.full_only:
+            settings = settings[1:] if args.fixed_threshold else settings[:1]
+        for label, env in settings:
             for steps in (n_steps,) if args.full_only else (n_steps // 4, n_steps):
                 m = probe(store, steps, env)
                 growth = m["peak"] - m["opened"]

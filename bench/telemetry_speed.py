@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ckpt_tools.analyses import telemetry
 from numcodecs import blosc
 
 import ckpt_tools
 from ckpt_tools import models
+from ckpt_tools.analyses import telemetry
 from ckpt_tools.store import history_meta, open_chunks
 from ckpt_tools.synthetic import write_synthetic_history
 from ckpt_tools.tensors import param_specs, specs_from_json, split_row
@@ -150,17 +150,26 @@ def profile(store: Path) -> dict:
             cuts = np.array([0], np.int64)
             floats = np.empty((7, xt.shape[1], 1))
             counts = np.empty((2, xt.shape[1], 1), np.int64)
-            t, _ = timed(lambda xt=xt, f=floats, c=counts, cuts=cuts: chunk_sums(
-                xt, xt[:, 0].copy(), xt[:, -1].copy(), cuts, f, c))
+            w0, wf = np.zeros(xt.shape[0], np.float32), np.zeros(xt.shape[0], np.float32)
+            t, _ = timed(lambda xt=xt, f=floats, c=counts, cuts=cuts, w0=w0, wf=wf: chunk_sums(
+                xt, w0, wf, cuts, f, c, w0, wf))
             t_kernel += t
             nbytes += x.nbytes
     return {"read+decode, 1 thread": nbytes / t_read, "kernel, 1 thread": nbytes / t_kernel}
 
 
+class _Figures(dict):
+    """Figures, each printed as soon as it is measured."""
+
+    def __setitem__(self, name, rate):
+        super().__setitem__(name, rate)
+        print(f"{name:40s} {rate / 1e9:7.3f} GB/s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="raw float32 GB of weights")
-    parser.add_argument("--baseline-gb", type=float, default=1.0,
+    parser.add_argument("--baseline-gb", type=float, default=0.2,
                         help="GB of steps the torch.load baseline is timed on")
     parser.add_argument("--model", default="resnet20", help="built-in model whose layers to use")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
@@ -209,7 +218,7 @@ def run(args, scratch: Path) -> None:
             evict(store)
         return timed(fn)
 
-    figures = {}
+    figures = _Figures()
     slab = max(16, int(1e9 / (4 * width)) // 16 * 16)
     t, n = store_pass(lambda: tensorstore_read(array, slab, n_steps))
     figures["TensorStore full read"] = n / t
@@ -238,10 +247,9 @@ def run(args, scratch: Path) -> None:
         best = max(best, base_raw / t)
     torch.set_num_threads(threads)
     if args.profile:
-        figures.update({f"profile: {k}": v for k, v in profile(store).items()})
+        for name, rate in profile(store).items():
+            figures[f"profile: {name}"] = rate
 
-    for name, rate in figures.items():
-        print(f"{name:40s} {rate / 1e9:7.3f} GB/s")
     tel = figures["fused telemetry (cpu)"]
     ratios = {
         "telemetry / baseline (target >= 10)": tel / best,

@@ -129,8 +129,9 @@ class Mask(Hook):
 class Recording(Hook):
     """Record the run with a `Recorder`.
 
-    The weights on its schedule, the loss, the evaluations and the resume points; the
-    history is marked complete at the end.
+    The weights on its schedule, the loss, the example ids of each recorded update's batch
+    (exact: batches are pure functions of the seed and the step, `batches.batch_indices`),
+    the evaluations and the resume points; the history is marked complete at the end.
 
     Args:
         recorder: An open recorder of the loop's model and optimizer.
@@ -146,8 +147,13 @@ class Recording(Hook):
 
     def after_update(self, state: LoopState, step: int, loss: float) -> None:
         """Record update `step` (a no-op off the schedule, except for the scalars)."""
-        per_epoch = batches.batches_per_epoch(state.data, state.config.batch_size)
-        self.recorder.record(step, loss=loss, epoch=step / per_epoch)
+        config = state.config
+        per_epoch = batches.batches_per_epoch(state.data, config.batch_size)
+        ids = None
+        if step in self.recorder.schedule:
+            ids = batches.batch_indices(state.data, step, batch_size=config.batch_size,
+                                        seed=config.order_seed)
+        self.recorder.record(step, loss=loss, epoch=step / per_epoch, batch=ids)
 
     def on_evaluation(self, state: LoopState, step: int, metrics: Mapping[str, float]) -> None:
         """Store the test metrics of `step`."""

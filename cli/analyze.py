@@ -5,18 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.analyses import registry
-from ckpt_tools.cli.dask_progress import track
-from ckpt_tools.cli.errors import USAGE, fail, friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ckpt_tools.analyses import registry
 from ckpt_tools.api import open_history
+from ckpt_tools.cli.dask_progress import track
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.schedule import Schedule
 from ckpt_tools.store import result_path
 
@@ -66,8 +65,8 @@ def _check_device(device: str) -> None:
                    "use --device cpu", USAGE)
 
 
-def parse_against(spec: str, store: Path) -> tuple[str, str]:
-    """``OTHER.zarr[:GROUP]`` (or ``:GROUP``, this store) as ``(store, group)``.
+def parse_against(spec: str) -> tuple[str | None, str]:
+    """``OTHER.zarr[:GROUP]`` (or ``:GROUP``: None, this store) as ``(store, group)``.
 
     A URL's ``scheme://`` is not a group separator: ``s3://b/run.zarr:imp/level_1``.
     """
@@ -77,19 +76,37 @@ def parse_against(spec: str, store: Path) -> tuple[str, str]:
     if not group:
         raise fail(f"--against {spec!r}: empty group after ':'; give OTHER.zarr[:GROUP]",
                    USAGE)
-    return (path or str(store)), group
+    return (path or None), group
 
 
 @friendly
 def analyze(
-    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
-    only: Annotated[list[str] | None, typer.Option("--only", help="Analyses to run, comma-separated or repeated (default: every registered one).")] = None,  # noqa: E501
+    store: Annotated[str, typer.Argument(
+        help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).",
+    )],
+    only: Annotated[list[str] | None, typer.Option(
+        "--only",
+        help="Analyses to run, comma-separated or repeated (default: every registered one).",
+    )] = None,
     group: Annotated[str, typer.Option(help="The recorded history to analyse.")] = "train",
-    workers: Annotated[int | None, typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,  # noqa: E501
-    scheduler: Annotated[str | None, typer.Option(help="Run on the dask.distributed cluster at this address (tcp://host:port).")] = None,  # noqa: E501
-    eval_steps: Annotated[str | None, typer.Option(help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); only recorded steps are used (default: every recorded step).")] = None,  # noqa: E501
-    against: Annotated[str | None, typer.Option(help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, or :GROUP for a group of this store.")] = None,  # noqa: E501
-    device: Annotated[str, typer.Option(help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device (cuda, cuda:1); chunks are always decoded on the CPU.")] = "cpu",  # noqa: E501
+    workers: Annotated[int | None, typer.Option(
+        help="Run on a local dask cluster of N worker processes.",
+    )] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run on the dask.distributed cluster at this address (tcp://host:port).",
+    )] = None,
+    eval_steps: Annotated[str | None, typer.Option(
+        help="Steps to evaluate post hoc, as a schedule (0:1000:50, log2:10, a list 0,10,100); "
+        "only recorded steps are used (default: every recorded step).",
+    )] = None,
+    against: Annotated[str | None, typer.Option(
+        help="Compare with another history (the compare analysis): OTHER.zarr, OTHER.zarr:GROUP, "
+        "or :GROUP for a group of this store.",
+    )] = None,
+    device: Annotated[str, typer.Option(
+        help="Where telemetry chunks are reduced and models evaluated: cpu, or a CUDA device "
+        "(cuda, cuda:1); chunks are always decoded on the CPU.",
+    )] = "cpu",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -108,7 +125,8 @@ def analyze(
         _check_device(device)
     stored = open_history(store, group)["step"].values
     if against is not None:
-        other, other_group = parse_against(against, store)
+        other, other_group = parse_against(against)
+        other = store if other is None else store_location(other, storage_options)
         open_history(other, other_group)  # a missing store or group fails here, in one line
     if stored.size == 0:
         raise fail(f"'{group}' in {store} has no recorded steps yet")
@@ -120,7 +138,7 @@ def analyze(
         picked = sorted(set(wanted) & {int(s) for s in stored})
         options["evaluate"]["steps"] = picked
     if against is not None:
-        options["compare"] = {"against": str(other), "against_group": other_group}
+        options["compare"] = {"against": other, "against_group": other_group}
     console = Console(stderr=True)
     done, skipped = [], []
     with _client(workers, scheduler) as client, Progress(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from ckpt_tools.cli import (
     analyze,
     compact,

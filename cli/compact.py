@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import fail, friendly
 
+from ckpt_tools.cli.errors import fail, friendly
 from ckpt_tools.store.compact import compact_store
 
 __all__ = ["compact"]
@@ -20,7 +20,9 @@ def _mib(n: int) -> str:
 @friendly
 def compact(
     store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
-    group: Annotated[str | None, typer.Option(help="One history group (default: every history in the store).")] = None,  # noqa: E501
+    group: Annotated[str | None, typer.Option(
+        help="One history group (default: every history in the store).",
+    )] = None,
 ) -> None:
     """Compress the uncompressed histories of a store in place, chunk by chunk.
 

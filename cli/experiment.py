@@ -16,12 +16,13 @@ import typing
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from ckpt_tools.analyses.experiments import registry
 from ckpt_tools.analyses.experiments.contract import Experiment, option_name
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.location import StorageOptions, store_location
-from rich.console import Console
-from rich.table import Table
 
 __all__ = ["add_commands", "command"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import friendly
 
+from ckpt_tools.cli.errors import friendly
 from ckpt_tools.exporter import ExportFormat, export_step
 
 __all__ = ["export"]
@@ -18,7 +18,11 @@ def export(
     store: Annotated[Path, typer.Argument(help="A recorded or imported store (RUN.zarr).")],
     step: Annotated[int, typer.Option(help="The stored step to export.")] = ...,
     out: Annotated[Path, typer.Option("-o", "--out", help="File to write.")] = ...,
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="safetensors (Hugging Face's from_pretrained reads it as model.safetensors) or torch (torch.save).")] = ExportFormat.safetensors,  # noqa: E501
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format",
+        help="safetensors (Hugging Face's from_pretrained reads it as model.safetensors) or torch "
+        "(torch.save).",
+    )] = ExportFormat.safetensors,
     group: Annotated[str, typer.Option(help="History group to read.")] = "train",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:

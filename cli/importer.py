@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import USAGE, fail, friendly
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ckpt_tools.cli.errors import USAGE, fail, friendly
 
 __all__ = ["import_series"]
 

@@ -6,11 +6,11 @@ import json
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.console import Console
 from rich.table import Table
 
+from ckpt_tools.cli.errors import friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.store import store_info
 
 __all__ = ["info"]
@@ -26,7 +26,9 @@ def _size(n: int) -> str:
 
 @friendly
 def info(
-    store: Annotated[str, typer.Argument(help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).")],  # noqa: E501
+    store: Annotated[str, typer.Argument(
+        help="A recorded store: RUN.zarr or a URL (s3://bucket/run.zarr).",
+    )],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ckpt_tools.cli.errors import USAGE, fail, friendly
-from ckpt_tools.cli.location import StorageOptions, store_location
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.store import Codec, Location
 from ckpt_tools.train import TrainConfig, train, with_overrides
 
@@ -109,6 +109,7 @@ def record(
     writers: Annotated[int | None, typer.Option(min=1, help="Writer processes that compress and write (default: the cores training leaves free, at least 1).")] = None,  # noqa: E501
     include: Annotated[list[str] | None, typer.Option(help="Record only tensors whose names match this glob (repeatable), e.g. '*attn*'.")] = None,  # noqa: E501
     exclude: Annotated[list[str] | None, typer.Option(help="Do not record tensors whose names match this glob (repeatable).")] = None,  # noqa: E501
+    optimizer_state: Annotated[bool, typer.Option(help="Also record SGD's momentum buffer of every weight at each recorded step (optim_momentum_buffer).")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -143,6 +144,8 @@ def record(
     if out is None:
         default_out(config).parent.mkdir(parents=True, exist_ok=True)
     out = store_location(out or str(default_out(config)), storage_options)
+    if optimizer_state:  # a resumed run keeps the setting it was recorded with
+        options["optimizer_state"] = True
     with progress_bar(config.steps, f"{config.model} on {config.dataset}") as bar:
         task = bar.add_task("train", total=config.steps, loss=float("nan"), visible=not quiet)
         result = train(

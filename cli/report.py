@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from ckpt_tools.cli.errors import USAGE, fail, friendly
 from ckpt_tools.cli.location import StorageOptions, store_location
-
 from ckpt_tools.store import Location
 
 __all__ = ["report"]
@@ -50,11 +50,24 @@ def _check_out(out: Path, fmt: Format, stores: list[Location]) -> None:
 
 @friendly
 def report(
-    stores: Annotated[list[str], typer.Argument(help="Recorded stores (RUN.zarr or URLs); several are overlaid, coloured by run.")],  # noqa: E501
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="HTML file to write (default report.html), or with --format png/svg the folder for one file per chart (default report-figures/).")] = None,  # noqa: E501
-    fmt: Annotated[Format, typer.Option("--format", help="html: one self-contained page; png/svg: one file per chart plus summary.csv.")] = Format.html,  # noqa: E501
-    group: Annotated[str, typer.Option(help="History group to report in every store.")] = "train",  # noqa: E501
-    title: Annotated[str | None, typer.Option(help="Page title (default: the run names).")] = None,  # noqa: E501
+    stores: Annotated[list[str], typer.Argument(
+        help="Recorded stores (RUN.zarr or URLs); several are overlaid, coloured by run.",
+    )],
+    out: Annotated[Path | None, typer.Option(
+        "-o", "--out",
+        help="HTML file to write (default report.html), or with --format png/svg the folder for "
+        "one file per chart (default report-figures/).",
+    )] = None,
+    fmt: Annotated[Format, typer.Option(
+        "--format",
+        help="html: one self-contained page; png/svg: one file per chart plus summary.csv.",
+    )] = Format.html,
+    group: Annotated[str, typer.Option(
+        help="History group to report in every store.",
+    )] = "train",
+    title: Annotated[str | None, typer.Option(
+        help="Page title (default: the run names).",
+    )] = None,
     storage_options: StorageOptions = None,
 ) -> None:
     """Draw every available chart of one or more runs, with a summary table."""

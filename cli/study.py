@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from ckpt_tools.analyses.experiments.study import SIZES
 from ckpt_tools.cli.errors import friendly
 

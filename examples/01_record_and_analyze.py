@@ -7,12 +7,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ckpt_tools.analyses  # registers the ds.ckpt accessor
 import torch
-from ckpt_tools.analyses import registry
 from torch import nn
 
 import ckpt_tools
+import ckpt_tools.analyses  # registers the ds.ckpt accessor
+from ckpt_tools.analyses import registry
 from ckpt_tools.data import load
 from ckpt_tools.store import list_results
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import ckpt_tools.analyses  # noqa: F401  (registers ds.ckpt)
 import dask.array as da
 import numpy as np
 import pytest
 import torch
 import xarray as xr
-from ckpt_tools.analyses import telemetry
 
 import ckpt_tools
+import ckpt_tools.analyses  # noqa: F401  (registers ds.ckpt)
+from ckpt_tools.analyses import telemetry
 from ckpt_tools.store import StoreError
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from ckpt_tools.analyses import evaluate, registry, telemetry
-from ckpt_tools.cli.app import app
 from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.analyses import evaluate, registry, telemetry
+from ckpt_tools.cli.app import app
 from ckpt_tools.recorder import Recorder
 from ckpt_tools.store import list_results, read_result
 
@@ -155,8 +155,9 @@ def test_registry_and_charts(tiny_run):
 
 @pytest.mark.parametrize("distributed", [False, True])
 def test_progress_counts_every_task(tiny_run, cluster, distributed):
-    from ckpt_tools.cli.dask_progress import track
     from rich.progress import Progress
+
+    from ckpt_tools.cli.dask_progress import track
 
     history = ckpt_tools.open_history(tiny_run)
     with Progress(disable=True) as bar:

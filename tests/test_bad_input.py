@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from ckpt_tools.cli.app import app
 from conftest import TINY
 from typer.testing import CliRunner
 
 import ckpt_tools
 from ckpt_tools import batches
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import (
     StoreError,
     check_model,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import vl_convert
 import xarray as xr
-from ckpt_tools.analyses import telemetry
-from ckpt_tools.analyses.report import charts
 
 from ckpt_tools import open_history
+from ckpt_tools.analyses import telemetry
+from ckpt_tools.analyses.report import charts
 
 STEP_PANELS = [
     charts.chart_mean_abs_weight,

@@ -6,8 +6,9 @@ import re
 
 import pytest
 import typer
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
+
+from ckpt_tools.cli.app import app
 
 COMMAND = typer.main.get_command(app)
 NAMES = sorted(COMMAND.commands)

@@ -6,10 +6,10 @@ import hashlib
 import json
 
 import pytest
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.cli.app import app
 
 runner = CliRunner()
 SMALL = ["--model", "convnet", "--width", "4", "--steps", "12", "--batch-size", "32",

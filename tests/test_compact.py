@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr.storage._local as zarr_local
-from ckpt_tools.cli.app import app
 from conftest import assert_tensorstore_reads, bits
 from typer.testing import CliRunner
 
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import HistoryWriter, StoreError, open_history, store_info
 from ckpt_tools.store.compact import PROGRESS_NAME, compact, needs_compaction
 from ckpt_tools.store.layout import PARAM_CHUNK

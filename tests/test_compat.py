@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ckpt_tools import open_history
 from ckpt_tools.analyses.experiments import compat
 from ckpt_tools.analyses.experiments.imp import ImpSettings, imp_summary, run_imp
 from ckpt_tools.analyses.experiments.instability import (
@@ -22,8 +24,6 @@ from ckpt_tools.analyses.experiments.instability import (
 )
 from ckpt_tools.analyses.experiments.pruning import level_group, mask_group, read_mask
 from ckpt_tools.analyses.report import gather_experiments
-
-from ckpt_tools import open_history
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.store import read_result
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.analyses import evaluate
-from ckpt_tools.analyses.registry import NotApplicable
 
 import ckpt_tools
+from ckpt_tools.analyses import evaluate
+from ckpt_tools.analyses.registry import NotApplicable
 from ckpt_tools.recorder import Recorder
 from ckpt_tools.train import TrainConfig, build
 from ckpt_tools.train import evaluate as evaluate_model

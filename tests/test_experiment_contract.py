@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from ckpt_tools.analyses.experiments import registry
-from ckpt_tools.analyses.experiments.contract import Experiment, setting
 from typer.testing import CliRunner
 
 from ckpt_tools import load_state_dict, open_history
+from ckpt_tools.analyses.experiments import registry
+from ckpt_tools.analyses.experiments.contract import Experiment, setting
 from ckpt_tools.store import read_result
 
 TOY = '''

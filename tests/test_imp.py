@@ -5,6 +5,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
+
+import ckpt_tools
+from ckpt_tools import StoreError, load_state_dict, open_history
 from ckpt_tools.analyses.experiments import pruning as imp
 from ckpt_tools.analyses.experiments.imp import ImpSettings, read_summary, run_imp
 from ckpt_tools.analyses.experiments.presets import PRESETS
@@ -18,10 +22,6 @@ from ckpt_tools.analyses.experiments.pruning import (
     write_mask,
 )
 from ckpt_tools.cli.app import app
-from typer.testing import CliRunner
-
-import ckpt_tools
-from ckpt_tools import StoreError, load_state_dict, open_history
 
 SMOKE = PRESETS["smoke"].imp
 

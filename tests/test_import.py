@@ -14,10 +14,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import history_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")

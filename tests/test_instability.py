@@ -3,6 +3,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from ckpt_tools import load_state_dict, open_history
 from ckpt_tools.analyses.experiments.instability import (
     PREFIX,
     InstabilitySettings,
@@ -17,10 +21,6 @@ from ckpt_tools.analyses.experiments.instability import (
 from ckpt_tools.analyses.experiments.presets import PRESETS
 from ckpt_tools.analyses.experiments.pruning import dense_config, final_eval
 from ckpt_tools.cli.app import app
-from torch import nn
-from typer.testing import CliRunner
-
-from ckpt_tools import load_state_dict, open_history
 
 SMOKE = PRESETS["smoke"].instability
 

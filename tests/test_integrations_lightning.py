@@ -64,7 +64,7 @@ class _Reference(pl.Callback):
     """Copies of the state after every update, counted by an optimizer post-hook."""
 
     def __init__(self):
-        self.states, self.grad_norms, self.updates = {}, {}, 0
+        self.states, self.grad_norms, self.momentum, self.updates = {}, {}, {}, 0
 
     def on_train_start(self, trainer, pl_module):
         self.states[0] = copy.deepcopy(pl_module.state_dict())
@@ -74,6 +74,9 @@ class _Reference(pl.Callback):
             self.states[self.updates] = copy.deepcopy(pl_module.state_dict())
             self.grad_norms[self.updates] = {
                 n: p.grad.norm().item() for n, p in pl_module.named_parameters()}
+            self.momentum[self.updates] = torch.cat([
+                optimizer.state[p]["momentum_buffer"].reshape(-1)
+                for p in pl_module.parameters()]).numpy().copy()
 
         trainer.optimizers[0].register_step_post_hook(after_update)
 
@@ -99,11 +102,14 @@ def _fit(out, schedule, **options):
 
 def test_rows_match_independent_copies_under_accumulation(tmp_path):
     out = tmp_path / "run.zarr"
-    module, ref = _fit(out, "0:6:1,6:16:4")
+    module, ref = _fit(out, "0:6:1,6:16:4", optimizer_state=True)
     assert ref.updates == UPDATES
     ds = ckpt_tools.open_history(out)
     assert ds.step.values.tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 14, 15]
     for step in ds.step.values.tolist():
+        if step:  # the trainer's optimizer is the Recorder's: its momentum is recorded
+            np.testing.assert_array_equal(ds.optim_momentum_buffer.sel(step=step).values,
+                                          ref.momentum[step])
         got = ckpt_tools.load_state_dict(out, step)
         assert set(got) == set(ref.states[step])
         for name, tensor in got.items():

@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 import xarray as xr
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import GroupLock, HistoryWriter, StoreError
 from ckpt_tools.store.lock import LOCK_NAME, holder_of
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import (
     HistoryWriter,
     LocationError,

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from typer.testing import CliRunner
+
+from ckpt_tools import load_state_dict
 from ckpt_tools.analyses.experiments import perturb
 from ckpt_tools.analyses.experiments.ablate import ablation_group, read_ablation_summary
 from ckpt_tools.analyses.experiments.imp import read_summary
@@ -16,9 +19,6 @@ from ckpt_tools.analyses.experiments.perturb import ABLATIONS, Start
 from ckpt_tools.analyses.experiments.pruning import param_table, read_mask
 from ckpt_tools.analyses.report import ablation_charts, gather_experiments, sections
 from ckpt_tools.cli.app import app
-from typer.testing import CliRunner
-
-from ckpt_tools import load_state_dict
 from ckpt_tools.tensors import TensorSpec
 
 

@@ -8,6 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from ckpt_tools import batches, load_state_dict, open_history
 from ckpt_tools.analyses.experiments import pretext
 from ckpt_tools.analyses.experiments.pretrain import pretrain_config, read_pretrain_summary
 from ckpt_tools.analyses.experiments.pruning import (
@@ -19,9 +22,6 @@ from ckpt_tools.analyses.experiments.pruning import (
 )
 from ckpt_tools.analyses.report import gather_experiments, sections
 from ckpt_tools.cli.app import app
-from typer.testing import CliRunner
-
-from ckpt_tools import batches, load_state_dict, open_history
 from ckpt_tools.data import ImageData
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.train import Task, TrainConfig, lr_at, train

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+
 from ckpt_tools.analyses import telemetry
 
 DATA = Path(__file__).parent / "data"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckpt_tools.analyses.experiments import compat
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 from ckpt_tools import open_history
+from ckpt_tools.analyses.experiments import compat
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import store_info
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_runs.json").read_text())

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckpt_tools.analyses import telemetry
-from ckpt_tools.analyses.report import SECTIONS, Section, build_report, load_runs, page
-from ckpt_tools.cli.app import app
 from typer.testing import CliRunner
 
 from ckpt_tools import open_history
+from ckpt_tools.analyses import telemetry
+from ckpt_tools.analyses.report import SECTIONS, Section, build_report, load_runs, page
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import store_info
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -121,8 +121,8 @@ def test_other_stored_analyses_are_drawn_with_their_own_chart(tiny_copy, monkeyp
 
     import altair as alt
     import xarray as xr
-    from ckpt_tools.analyses import registry
 
+    from ckpt_tools.analyses import registry
     from ckpt_tools.store import write_result
 
     module = types.ModuleType("custom_analysis")
@@ -140,8 +140,8 @@ def test_the_report_draws_through_the_registered_figures_hooks(tiny_copy, monkey
 
     import altair as alt
     import xarray as xr
-    from ckpt_tools.analyses import registry
 
+    from ckpt_tools.analyses import registry
     from ckpt_tools.store import write_result
 
     seen = []

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from ckpt_tools.cli.app import app
 from conftest import TINY
 from typer.testing import CliRunner
 
 import ckpt_tools
 from ckpt_tools import batches
+from ckpt_tools.cli.app import app
 from ckpt_tools.resume import TrainingInterrupted, capture, restore, resume_status
 from ckpt_tools.store import StoreError, read_group_meta, read_resume_point
 from ckpt_tools.train import build, train

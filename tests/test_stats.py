@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import xarray as xr
+
 from ckpt_tools.analyses.stats import MeanCI, compare, mean_ci, permutation_test, summarize
 
 

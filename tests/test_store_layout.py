@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_tools.cli.app import app
 from conftest import assert_tensorstore_reads, bits
 from typer.testing import CliRunner
 
 import ckpt_tools
+from ckpt_tools.cli.app import app
 from ckpt_tools.store import (
     FORMAT_VERSION,
     HistoryWriter,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ckpt_tools.analyses.experiments.ablate import read_ablation_summary
 from ckpt_tools.analyses.experiments.imp import read_summary
 from ckpt_tools.analyses.experiments.pretrain import read_pretrain_summary
-
 from ckpt_tools.store import read_result
 
 CKPT = [sys.executable, "-c", "from ckpt_tools.cli import main; main()"]

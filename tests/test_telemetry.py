@@ -9,9 +9,9 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from ckpt_tools.analyses import telemetry
 
 import ckpt_tools
+from ckpt_tools.analyses import telemetry
 from ckpt_tools.store import StoreError
 
 RTOL = 1e-6  # float32 rounding of the stored weights' elementwise terms

@@ -9,9 +9,9 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from ckpt_tools.analyses import compare, pca, registry, spectra
 
 import ckpt_tools
+from ckpt_tools.analyses import compare, pca, registry, spectra
 from ckpt_tools.synthetic import synthetic_specs, write_synthetic_history
 
 

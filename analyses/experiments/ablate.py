@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+
+from ckpt_tools import load_state_dict
 from ckpt_tools.analyses.experiments.contract import (
     Experiment,
     Progress,
@@ -47,8 +49,6 @@ from ckpt_tools.analyses.experiments.pruning import (
     read_mask,
     train_sparse,
 )
-
-from ckpt_tools import load_state_dict
 from ckpt_tools.store import (
     StoreError,
     history_groups,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from ckpt_tools import load_state_dict
 from ckpt_tools.analyses.experiments.compat import legacy_name, locate
 from ckpt_tools.analyses.experiments.contract import (
     Experiment,
@@ -44,8 +46,6 @@ from ckpt_tools.analyses.experiments.pruning import (
     param_table,
     train_sparse,
 )
-
-from ckpt_tools import load_state_dict
 from ckpt_tools.store import StoreError, last_evaluations, read_result, write_result
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.tensors import TensorSpec

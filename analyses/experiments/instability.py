@@ -26,6 +26,9 @@ from typing import Literal
 import numpy as np
 import torch
 import xarray as xr
+from torch import nn
+
+from ckpt_tools import batches, load_state_dict
 from ckpt_tools.analyses.experiments.compat import locate
 from ckpt_tools.analyses.experiments.contract import (
     Experiment,
@@ -43,9 +46,6 @@ from ckpt_tools.analyses.experiments.pruning import (
     read_mask,
     train_sparse,
 )
-from torch import nn
-
-from ckpt_tools import batches, load_state_dict
 from ckpt_tools.store import StoreError, read_result, write_result
 from ckpt_tools.train import TrainConfig, build, evaluate
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ckpt_tools.analyses.experiments.pruning import Scope, mask_from_row, mask_to_row, prune
 
+from ckpt_tools.analyses.experiments.pruning import Scope, mask_from_row, mask_to_row, prune
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.tensors import TensorSpec
 

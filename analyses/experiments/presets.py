@@ -37,7 +37,6 @@ from types import MappingProxyType
 
 from ckpt_tools.analyses.experiments.imp import ImpSettings
 from ckpt_tools.analyses.experiments.instability import InstabilitySettings
-
 from ckpt_tools.train import TrainConfig
 
 __all__ = ["PRESETS", "Preset", "get_preset"]

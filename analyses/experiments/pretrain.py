@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+
+from ckpt_tools import load_state_dict
 from ckpt_tools.analyses.experiments import pretext
 from ckpt_tools.analyses.experiments.contract import (
     Experiment,
@@ -57,8 +59,6 @@ from ckpt_tools.analyses.experiments.pruning import (
     read_mask,
     train_sparse,
 )
-
-from ckpt_tools import load_state_dict
 from ckpt_tools.store import (
     StoreError,
     history_groups,

@@ -30,9 +30,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from ckpt_tools.analyses.experiments.compat import locate
 
 from ckpt_tools import load_state_dict, open_history
+from ckpt_tools.analyses.experiments.compat import locate
 from ckpt_tools.schedule import Schedule, nearest
 from ckpt_tools.store import (
     StoreError,

@@ -65,10 +65,9 @@ def _start_changes(store: Path, conditions, k: int, level: int, seeds) -> dict[s
     ``|w' - m * w_k| / |m * w_k|`` over the prunable weights at step k, per condition and
     seed (m: the run's mask, w': its start, read from the ablated run's stored step k).
     """
+    import ckpt_tools
     from ckpt_tools.analyses.experiments.ablate import ablation_group
     from ckpt_tools.analyses.experiments.pruning import param_table
-
-    import ckpt_tools
 
     prunable = [spec.name for spec in param_table(store) if spec.prunable]
     rewind = ckpt_tools.load_state_dict(store, k, group="train")
@@ -103,7 +102,6 @@ def summarize(store: str | Path, size_name: str, size: dict) -> dict:
     from ckpt_tools.analyses.experiments.imp import read_summary
     from ckpt_tools.analyses.experiments.pretrain import read_pretrain_summary
     from ckpt_tools.analyses.experiments.study import PERMUTATION_RMS
-
     from ckpt_tools.store import read_result
 
     store = Path(store)

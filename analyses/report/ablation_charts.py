@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import altair as alt
 import numpy as np
 import xarray as xr
+
 from ckpt_tools.analyses.report._chartdata import json_value
 
 __all__ = [

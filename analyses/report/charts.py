@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 import altair as alt
 import xarray as xr
+
 from ckpt_tools.analyses.report._chartdata import (
     MAX_POINTS,
     STEP_TITLE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import altair as alt
 import numpy as np
 import xarray as xr
+
 from ckpt_tools.analyses.report._chartdata import json_value
 
 __all__ = [

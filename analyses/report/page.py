@@ -21,6 +21,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 import vl_convert
+
 from ckpt_tools.analyses.report.sections import Report
 
 __all__ = ["FORMATS", "export_figures", "render_html", "write_html"]

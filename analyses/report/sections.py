@@ -15,6 +15,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import xarray as xr
+
 from ckpt_tools.analyses import registry
 from ckpt_tools.analyses.report import ablation_charts, charts, imp_charts
 from ckpt_tools.analyses.report.read import Run

@@ -70,8 +70,9 @@ class RecorderCallback(pl.Callback):
             digits, ``_``, ``.`` and ``-`` become ``_`` in the store (``val/acc`` is
             stored as ``val_acc``).
         **recorder_options: Passed on to `ckpt_tools.Recorder` (``group``, ``config``,
-            ``overwrite``, ``resume``, ...). ``config`` defaults to the module's
-            hyperparameters and the trainer's step settings.
+            ``overwrite``, ``resume``, ``optimizer_state``, ...). ``config`` defaults to
+            the module's hyperparameters and the trainer's step settings, ``optimizer``
+            to the trainer's optimizer when it has one.
 
     Attributes:
         recorder: The `Recorder` of the running fit (None before ``on_train_start``).
@@ -112,6 +113,8 @@ class RecorderCallback(pl.Callback):
             evals = Schedule.parse(f"0:{final + 1}:1", final=final) if final else schedule
         options = dict(self.recorder_options)
         options.setdefault("config", self._config(trainer, pl_module))
+        if len(trainer.optimizers) == 1:  # its state can be recorded (optimizer_state=True)
+            options.setdefault("optimizer", trainer.optimizers[0])
         self.recorder = Recorder(
             self.path, pl_module, schedule, eval_schedule=_resolve(evals, final), **options
         )

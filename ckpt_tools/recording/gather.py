@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ckpt_tools.optim_state import ARRAY_PREFIX, state_tensors
 from ckpt_tools.recording.budget import Piece
 from ckpt_tools.tensors import TensorSpec
 
@@ -51,17 +52,23 @@ class Gather:
         buffers: The recorded buffers' table (offsets along `buffers`).
         pieces: Every piece the rows are cut into.
         optimizer: On CUDA, the next `step` of this optimizer waits for the copies.
+        optimizer_state: Entries of `optimizer`'s per-parameter state to copy too, each
+            into the array ``optim_<entry>`` laid out like `params` (NaN where none).
     """
 
     def __init__(self, model: nn.Module, params: Sequence[TensorSpec],
                  buffers: Sequence[TensorSpec], pieces: Sequence[Piece],
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 optimizer_state: Sequence[str] = ()):
         self._sources = {
             kind: [(model.get_submodule(s.name.rpartition(".")[0]), s.name.rpartition(".")[2])
                    for s in specs]
             for kind, specs in (("params", params), ("buffers", buffers))
         }
-        specs = {"params": params, "buffers": buffers}
+        self._optimizer, self._states = optimizer, tuple(optimizer_state)
+        self._nan: dict[int, torch.Tensor] = {}  # stand-ins for state not made yet
+        specs = {"params": params, "buffers": buffers,
+                 **{ARRAY_PREFIX + name: params for name in self._states}}
         self._parts = {p: _parts(specs[p.array], p) for p in pieces if p.array in specs}
         self._views: dict[str, tuple] = {}
         self._tensors: dict[str, list[torch.Tensor]] = {}
@@ -71,16 +78,32 @@ class Gather:
         self._hook = optimizer.register_step_pre_hook(self._wait_copies) if optimizer else None
 
     # -- per step --------------------------------------------------------------------
-    def begin(self) -> None:
-        """Take the model's current tensors and compute their gradient norms."""
+    def begin(self, grad_norm: Sequence[float] | None = None) -> None:
+        """Take the model's current tensors and compute their gradient norms.
+
+        `grad_norm` gives the norms instead (one per parameter tensor), for callers that
+        measured them before the gradients were cleared.
+        """
         self._tensors = {kind: [getattr(m, a) for m, a in src]
                          for kind, src in self._sources.items()}
         params = self._tensors["params"]
+        missing: set[int] = set()
+        for name in self._states:
+            found = state_tensors(self._optimizer, params, name)
+            missing.update(id(p) for t, p in zip(found, params, strict=True) if t is None)
+            self._tensors[ARRAY_PREFIX + name] = [
+                t if t is not None else self._stand_in(p) for t, p in zip(found, params,
+                                                                           strict=True)]
+        for key in set(self._nan) - missing:  # the optimizer has made that state now
+            del self._nan[key]
         grads = [t.grad for t in params]
         present = [k for k, g in enumerate(grads) if g is not None]
         device = params[0].device if params else torch.device("cpu")
         with torch.no_grad():
-            norms = self._grad_norms(grads, present, device)
+            if grad_norm is not None:
+                norms = torch.as_tensor(np.asarray(grad_norm, np.float32), device=device)
+            else:
+                norms = self._grad_norms(grads, present, device)
         if device.type != "cuda":
             self._norms = norms.numpy()
             self._cuda = None
@@ -112,6 +135,13 @@ class Gather:
         nan = torch.full((1,), float("nan"), device=device)
         found = dict(zip(present, values, strict=True))
         return torch.stack([found.get(k, nan[0]) for k in range(len(grads))])
+
+    def _stand_in(self, p: torch.Tensor) -> torch.Tensor:
+        # NaN of the parameter's shape, kept while its state is missing, so the cached
+        # views of the previous step stay valid.
+        if id(p) not in self._nan:
+            self._nan[id(p)] = torch.full(p.shape, float("nan"), device=p.device)
+        return self._nan[id(p)]
 
     def fill(self, piece: Piece, out: np.ndarray) -> None:
         """Copy `piece` of the current step into `out` (a float32 row of its width)."""

@@ -31,6 +31,7 @@ def create(
     chunk_steps: int,
     codec: str,
     shard_bytes: int,
+    optimizer_state: Sequence[str] = (),
 ) -> HistoryWriter:
     """Create the group with the attributes that say how it was recorded."""
     config = config or {}
@@ -50,6 +51,7 @@ def create(
         path, group, steps=schedule.steps, params=params, buffers=buffers, attrs=attrs,
         root_attrs=provenance(), eval_steps=eval_schedule.steps if eval_schedule else (),
         overwrite=overwrite, chunk_steps=chunk_steps, codec=codec, shard_bytes=shard_bytes,
+        optimizer_state=optimizer_state,
     )
 
 
@@ -62,6 +64,7 @@ def check_matches(
     schedule: Schedule,
     patterns: Mapping[str, tuple[str, ...] | None],
     config: Mapping | None,
+    optimizer_state: Sequence[str] = (),
 ) -> None:
     """Refuse to continue a group recorded from another model, selection or configuration.
 
@@ -83,6 +86,11 @@ def check_matches(
                              "resume with the same model or record into a new store")
     if tuple(int(s) for s in writer.steps) != schedule.steps:
         raise StoreError(f"{where} has a different schedule")
+    if tuple(meta.get("optimizer_state") or ()) != tuple(optimizer_state):
+        raise StoreError(f"{where} was recorded with optimizer_state="
+                         f"{list(meta.get('optimizer_state') or [])}, not "
+                         f"{list(optimizer_state)}; resume with the same optimizer and "
+                         "optimizer_state setting")
     if config is None:  # the caller does not say: nothing to compare
         return
     stored = meta.get("config", {})

@@ -77,6 +77,7 @@ class Block:
         offsets: Byte offset of each piece's view in the region.
         rows: Slot rows recorded so far (0-based within the slot).
         scalars: Per-step scalars of the recorded rows, by name (aligned with `rows`).
+        batches: Example ids of each recorded row's batch, or None (aligned with `rows`).
         events: CUDA events that complete when the rows' device copies have landed.
         final: Whether this is the last segment of its rows (then they can commit).
         index: The block's number along `step` (its first row // rows per block).
@@ -89,6 +90,7 @@ class Block:
     offsets: list[int]
     rows: list[int] = field(default_factory=list)
     scalars: dict[str, list[float]] = field(default_factory=dict)
+    batches: list = field(default_factory=list)
     events: list = field(default_factory=list)
     final: bool = True
     index: int = 0
@@ -100,6 +102,7 @@ class _Rows:
     rows: list[int]
     scalars: dict[str, list[float]]
     hashes: dict[str, str] = field(default_factory=dict)
+    batches: list = field(default_factory=list)
     pending: int = 0
     closed: bool = False
     sent: bool = False
@@ -118,12 +121,9 @@ class Pipeline:
         control: Runs a control item (`("eval", ...)`, ...) with the training process's
             writer, on the coordinator thread, after the rows queued before it commit.
         ensure_scalar: Creates a scalar array before its first rows are written.
+        ensure_batch: Creates the `batch` array before the first example ids are written.
         column_offsets: First store column of this process's rows, per array (0 unless
             several processes each write a slice of the columns).
-        part: ``(rank, session)`` when several ranks write parts of each row (sharded
-            models): writer 0 then flags this rank's part instead of committing (rank 0
-            also commits the rows every rank has flagged), and rows carry no content
-            hash (no process holds a whole row).
     """
 
     def __init__(
@@ -137,13 +137,13 @@ class Pipeline:
         lock_fd: int | None,
         control: Callable[[tuple], None],
         ensure_scalar: Callable[[str], None],
+        ensure_batch: Callable[[], None] | None = None,
         column_offsets: Mapping[str, int] | None = None,
         storage_options: Mapping | None = None,
-        part: tuple[int, int] | None = None,
     ):
         self.region, self._control, self._ensure_scalar = region, control, ensure_scalar
+        self._ensure_batch, self._batch_known = ensure_batch, False
         self._offsets = dict(column_offsets or {})
-        self._part = list(part) if part is not None else None
         self.error: str | None = None
         self.free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
@@ -287,8 +287,9 @@ class Pipeline:
         if block.final:
             rows.rows = [block.first + r for r in block.rows]
             rows.scalars = block.scalars
+            rows.batches = block.batches
             rows.closed = True
-        if self.error is not None or not block.rows or not block.pieces:
+        if self.error is not None or not block.rows:
             self._release(block.slot)
             return
         for event in block.events:  # the device copies of these rows have landed
@@ -307,8 +308,6 @@ class Pipeline:
             self._send(self._writer_for(piece), msg, "piece", state)
         # The rows' content hashes: one writer per block (per row when streamed, so a
         # row's hash continues where its previous segment left it).
-        if self._part is not None:
-            return
         parts = [[offset, piece.width] for (piece, _), offset
                  in zip(block.pieces, block.offsets, strict=True)
                  if piece.array in ("params", "buffers")]
@@ -357,11 +356,16 @@ class Pipeline:
                     if name not in self._scalars_known:
                         self._ensure_scalar(name)
                         self._scalars_known.add(name)
+                msg = {"op": "commit", "rows": head.rows, "scalars": head.scalars}
+                if any(b is not None for b in head.batches):
+                    if not self._batch_known:
+                        self._ensure_batch()
+                        self._batch_known = True
+                    msg["batch"] = [None if b is None else b.tolist() for b in head.batches]
                 head.sent = True
                 hashes = [head.hashes.get(str(r)) for r in head.rows]
-                self._send(0, {"op": "commit", "rows": head.rows, "scalars": head.scalars,
-                               "hashes": hashes if all(hashes) else None,
-                               "part": self._part}, "commit", head)
+                msg["hashes"] = hashes if all(hashes) else None
+                self._send(0, msg, "commit", head)
                 return
             kind, payload = self._queue.popleft()
             if kind == "sync":

@@ -19,12 +19,11 @@ of a ``SOCK_SEQPACKET`` socket, and each is answered by one packet:
   `buffers` pieces (in row order) to each row's SHA-256 (`ckpt_tools.store.integrity`:
   little-endian float32 params, then buffers); a row streamed in segments continues the
   hash of its previous segment. With `final`, the reply carries ``"digests"`` (hex by row);
-- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}, "hashes": [...]}``:
-  write the per-step scalars and content hashes of `rows`, then set their `committed`
-  flags (the parent sends this only after every block of those rows was written). With
-  ``"part": [RANK, SESSION]`` (a sharded recording, `ckpt_tools.store.parts`), set this
-  rank's `part_written` flags of `rows` instead; rank 0 then commits every row whose
-  flags all hold SESSION;
+- ``{"op": "commit", "id": N, "rows": [...], "scalars": {NAME: [...]}, "hashes": [...],
+  "batch": [...]}``: write the per-step scalars and content hashes of `rows` and their
+  batches' example ids (optional: a list of ids or null per row, padded with -1 to the
+  width of ``batch``), then set their `committed` flags (the parent sends this only after
+  every block of those rows was written);
 - ``{"op": "end"}``: end the session (unmap the region, close the lock descriptor);
 - ``{"op": "close"}``: exit.
 
@@ -127,24 +126,13 @@ class _Writer:
         if msg.get("hashes"):
             digests = [self.np.frombuffer(bytes.fromhex(h), self.np.uint8) for h in msg["hashes"]]
             self._set_rows("row_hash", rows, self.np.stack(digests))
-        if msg.get("part") is not None:
-            self._commit_part(rows, *msg["part"])
-            return
+        if msg.get("batch"):
+            ids = self.np.full((rows.size, self.array("batch").shape[1]), -1, self.np.int64)
+            for i, row_ids in enumerate(msg["batch"]):
+                if row_ids:
+                    ids[i, :len(row_ids)] = row_ids
+            self._set_rows("batch", rows, ids)
         self._set_rows("committed", rows, True)  # last: the rows become visible
-
-    def _commit_part(self, rows, rank: int, session: int) -> None:
-        # As ckpt_tools.store.parts (this process does not import ckpt_tools).
-        flags = self.array("part_written")
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        column = self.np.asarray(flags[lo:hi, rank], dtype=self.np.int64)
-        column[rows - lo] = session
-        flags[lo:hi, rank] = column
-        if rank != 0:
-            return
-        done = self.np.asarray(self.array("committed")[:], dtype=bool)
-        ready = self.np.flatnonzero((self.np.asarray(flags[:]) == session).all(axis=1) & ~done)
-        if ready.size:
-            self._set_rows("committed", ready, True)
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckpt_tools.store.history_extras import create_optimizer_arrays, ensure_batch_array
 from ckpt_tools.store.integrity import ensure_hash_array, row_digests
 from ckpt_tools.store.layout import (
     ATTRS_KEY,
@@ -218,6 +219,7 @@ class HistoryWriter:
         codec: str = Codec.lz4,
         chunk_steps: int = CHUNK_STEPS,
         shard_bytes: int = SHARD_BYTES,
+        optimizer_state: Sequence[str] = (),
     ) -> HistoryWriter:
         """Create the group `name` with every array at full length.
 
@@ -236,6 +238,8 @@ class HistoryWriter:
             chunk_steps: Checkpoints per chunk along `step` (rows the caller writes at once).
             shard_bytes: Raw bytes of one shard at most (big models; see
                 `row_array_layout`).
+            optimizer_state: Optimizer state entries to store as ``optim_<entry>``
+                arrays (see `ckpt_tools.store.history_extras`).
 
         Raises:
             StoreError: if the group exists and `overwrite` is false, or `codec` is unknown.
@@ -264,8 +268,11 @@ class HistoryWriter:
                 "buffers": specs_to_json(buffers),
                 "scalars": [],
                 "eval_metrics": [],
+                "optimizer_state": list(optimizer_state),
             })
             cls._create_arrays(group, steps, params, buffers, eval_steps, layout)
+            create_optimizer_arrays(group, optimizer_state, len(steps),
+                                    sum(s.size for s in params), layout)
             consolidate(path)
             return cls(path, group, lock)
         except BaseException:
@@ -450,6 +457,12 @@ class HistoryWriter:
         of one file would each rewrite the whole file, and one of them would lose.
         """
         return tuple(int(n) for n in self.group[name].metadata.chunk_grid.chunk_shape)
+
+    def ensure_batch(self, width: int) -> None:
+        """Create the `batch` array, `width` example ids wide, if it does not exist."""
+        if "batch" not in self.group:
+            ensure_batch_array(self.group, width)
+            consolidate(self.root_path)
 
     def committed_mask(self) -> np.ndarray:
         """Boolean `(step,)` array: which rows are complete."""

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 from ckpt_tools.analyses import telemetry
-
 from ckpt_tools.synthetic import synthetic_specs, write_synthetic_history
 
 HERE = Path(__file__).parent
