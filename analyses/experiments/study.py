@@ -4,7 +4,7 @@
 logged to ``OUT/commands.jsonl``) on one store, ``OUT/study.zarr``. Commands skip work
 that is already stored, so running it again after an interruption continues where it
 stopped. At the end it writes ``OUT/report.html`` and ``OUT/summary.json`` and
-``OUT/summary.md``: the measured value of every claim with its 95% bootstrap interval
+``OUT/summary.md``: the measured value of every claim with its 95% Student t interval
 over seeds (`ckpt_tools.analyses.experiments.study_summary`; ``docs/reproduction.md``).
 ``ckpt study OUT --size SIZE`` calls it.
 

@@ -2,7 +2,7 @@
 
 `summarize(store, size_name, size)` reads the stored results of a study
 (`ckpt_tools.analyses.experiments.study`) and measures every claim, means with 95%
-bootstrap intervals over seeds and paired differences with exact permutation tests;
+Student t intervals over seeds and differences paired by seed with exact sign-flip tests;
 `render(summary)` turns it into the Markdown table of ``docs/reproduction.md``. Both are
 pure functions of what they are given (the store, the summary).
 """
@@ -24,15 +24,15 @@ def _ci(values) -> dict:
     values = values[np.isfinite(values)]
     ci = mean_ci(values)
     return {"mean": float(ci.mean), "low": float(ci.low), "high": float(ci.high), "n": ci.n,
-            "values": [float(v) for v in values]}
+            "interval": ci.method, "values": [float(v) for v in values]}
 
 
 def _diff(a, b) -> dict:
     """Mean of a - b with its interval; a and b are paired by seed."""
-    from ckpt_tools.analyses.stats import permutation_test
+    from ckpt_tools.analyses.stats import paired_test
 
     out = _ci(np.asarray(a, float) - np.asarray(b, float))
-    out["pvalue"] = float(permutation_test(np.asarray(a, float), np.asarray(b, float)).pvalue)
+    out["pvalue"] = float(paired_test(np.asarray(a, float), np.asarray(b, float)).pvalue)
     return out
 
 
@@ -207,8 +207,8 @@ def _change(ci: dict) -> str:
 def render(summary: dict) -> str:
     """The measured side of each claim as a Markdown table.
 
-    Means with 95% bootstrap intervals over seeds (accuracy differences in percentage
-    points, p from an exact permutation test).
+    Means with 95% Student t intervals over seeds (accuracy differences in percentage
+    points, p from an exact sign-flip test of the differences paired by seed).
     """
     ph, rw, ab, pre = (summary[k] for k in ("sub_phases", "rewinding", "ablations",
                                             "pretraining"))

@@ -2,7 +2,8 @@
 
 Every ``chart_*`` function takes a summary already reduced over seeds by
 `ckpt_tools.analyses.stats.summarize` (a ``statistic`` dimension holding ``mean``,
-``low``, ``high``: the mean and its bootstrap interval) and draws the mean as points and
+``low``, ``high``: the mean and its interval, Student t by default; tooltips give n and
+the method) and draws the mean as points and
 lines and the interval as error bars. Inputs are only read. `figures` turns the reduced
 summaries of one store into named figures.
 """
@@ -45,8 +46,13 @@ def _rows(summary: xr.Dataset, var: str, keep: Sequence[str]) -> list[dict]:
     for name in keep:
         if name not in ds.variables:
             ds[name] = summary[name]
+    if f"{var}_count" in summary:
+        ds["n"] = summary[f"{var}_count"]  # how many seeds each point averages
     table = ds.to_dataframe().reset_index()
     table = table[np.isfinite(table["mean"])]
+    if "interval" in summary[var].attrs:
+        attrs = summary[var].attrs
+        table["interval"] = f"{attrs['interval']} {float(attrs.get('confidence', 0.95)):.0%}"
     return [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
 
 

@@ -2,8 +2,9 @@
 
 The ``chart_*`` functions take results already reduced over seeds (IMP) or seed pairs
 (instability) by `ckpt_tools.analyses.stats.summarize`: a ``statistic`` dimension holding
-``mean``, ``low`` and ``high`` (the mean and its bootstrap 95% interval), drawn as lines
-with points and error bars. Inputs are only read; `ckpt_tools.analyses.report.read`
+``mean``, ``low`` and ``high`` (the mean and its 95% interval, Student t unless the
+summary says otherwise), drawn as lines with points and error bars; each point's tooltip
+gives its n and the interval's method. Inputs are only read; `ckpt_tools.analyses.report.read`
 loads and reduces the stored results.
 """
 
@@ -28,9 +29,18 @@ def _rows(reduced: xr.Dataset, var: str, extra: dict[str, xr.DataArray]) -> list
     ds = reduced[var].to_dataset(dim="statistic")
     for name, values in extra.items():
         ds[name] = values
+    if f"{var}_count" in reduced:
+        ds["n"] = reduced[f"{var}_count"]  # how many seeds (or pairs) each point averages
     table = ds.to_dataframe().reset_index()
     table = table[np.isfinite(table["mean"])]
+    if "interval" in reduced[var].attrs:
+        table["interval"] = _interval(reduced[var].attrs)
     return [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def _interval(attrs: dict) -> str:
+    """How the error bars were made, e.g. ``"Student t 95%"``."""
+    return f"{attrs['interval']} {float(attrs.get('confidence', 0.95)):.0%}"
 
 
 def _with_bars(rows: list[dict], x: alt.X, y_title: str, color: str, title: str) -> alt.Chart:

@@ -2,7 +2,7 @@
 
 `load_runs` opens each store's history with everything the report draws from it: the
 telemetry and post-hoc evaluation, the other registered analyses' results, and the
-experiment summaries reduced over seeds (mean and bootstrap interval, see
+experiment summaries reduced over seeds (mean, Student t interval and n, see
 `ckpt_tools.analyses.stats.summarize`). Chart functions and sections then only draw.
 """
 
@@ -28,7 +28,7 @@ from ckpt_tools.store import (
 
 __all__ = ["RESAMPLES", "Experiments", "Run", "gather_experiments", "load_runs"]
 
-RESAMPLES = 2000  # bootstrap resamples of every interval the report draws
+RESAMPLES = 2000  # bootstrap resamples, where a summary asks for BCa intervals
 _INSTABILITY = re.compile(r"^instability(?:_level_(\d+))?_summary$")
 _DRAWN_WITH_HISTORY = ("telemetry", "evaluate")  # results the report reads into `Run` fields
 

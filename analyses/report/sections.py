@@ -137,14 +137,16 @@ SECTIONS: list[Section] = [
             "Charts of the other results `ckpt analyze` stored in each store."),
     Section("IMP with rewinding", imp_section,
             "Final test accuracy of the sparse networks IMP finds when the survivors are "
-            "rewound to step k, by fraction of weights remaining (mean over seeds, bootstrap "
-            "95% interval; `ckpt imp`, docs/experiments.md); dashed: the dense run."),
+            "rewound to step k, by fraction of weights remaining (mean over seeds with its "
+            "Student t 95% interval; each point's tooltip gives n; `ckpt imp`, "
+            "docs/experiments.md); dashed: the dense run."),
     Section("Instability (linear mode connectivity)", instability_section,
             "Two copies trained from step k with different data orders: test error along "
             "the straight line between them, and its barrier as a function of k (mean over "
-            "seed pairs; `ckpt instability`)."),
+            "seed pairs with its Student t 95% interval, n in the tooltip; `ckpt instability`)."),
     Section("Ablations at step k", ablation_section,
-            "Final test accuracy (mean over seeds, bootstrap 95% interval) of IMP "
+            "Final test accuracy (mean over seeds with its Student t 95% interval, n in each "
+            "point's tooltip) of IMP "
             "sub-networks started from ablated weights at step k (`ckpt ablate`; "
             "docs/experiments.md); dashed: the dense run."),
     Section("Pre-training before IMP", pretraining_section,
