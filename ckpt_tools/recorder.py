@@ -28,6 +28,7 @@ from ckpt_tools.recording.gather import Gather
 from ckpt_tools.recording.pipeline import Block, Pipeline, SharedRegion
 from ckpt_tools.recording.select import patterns, select
 from ckpt_tools.schedule import Schedule
+from ckpt_tools.sharded import ShardedRows, is_sharded, model_class_name
 from ckpt_tools.store import HistoryWriter, ResumePoint, StoreError, as_location, read_group_meta
 from ckpt_tools.store.history_extras import batch_width
 from ckpt_tools.store.layout import SHARD_BYTES, row_array_layout
@@ -36,9 +37,11 @@ from ckpt_tools.tensors import buffer_specs, param_specs, unwrap
 __all__ = ["Recorder", "default_writers"]
 
 
-def _is_writer_rank() -> bool:
+def _rank_and_world() -> tuple[int, int]:
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _as_schedule(schedule: Schedule | str | Iterable[int]) -> Schedule:
@@ -97,7 +100,12 @@ class Recorder:
             as an ``optim_<entry>`` array laid out like ``params``
             (`ckpt_tools.optim_state`). None: as the resumed group was recorded, else no.
 
-    Under `torch.distributed`, only rank 0 writes; `record` is a no-op elsewhere.
+    Under `torch.distributed` with replicated parameters (DDP, or no wrapper), only
+    rank 0 writes; `record` is a no-op elsewhere. When parameters are sharded (FSDP2's
+    `fully_shard`, DTensors), every rank writes the chunks of `param` its shards cover
+    (see `ckpt_tools.sharded`), and the constructor, `record`, `flush`, `log_eval`,
+    `save_resume_point`, `mark_complete` and `close` are collective: every rank calls
+    them at the same steps.
 
     Raises:
         ValueError: `host_memory` cannot hold one row (the message names the smallest
@@ -128,8 +136,14 @@ class Recorder:
         self.path, self.group = as_location(path, storage_options), group
         self.schedule = _as_schedule(schedule)
         self.eval_schedule = _as_schedule(eval_schedule) if eval_schedule is not None else None
-        self.active = _is_writer_rank()
         self._model = unwrap(model)
+        self.rank, self._world = _rank_and_world()
+        self._is_sharded = sharded = is_sharded(self._model)
+        self.active = self.rank == 0 or sharded
+        # Buffers, gradient norms, scalars and metadata: written by rank 0 only.
+        self._whole = self.rank == 0
+        self._sharded: ShardedRows | None = None
+        self._session = 0
         self._optimizer = optimizer
         self._index = {s: i for i, s in enumerate(self.schedule.steps)}
         self._last = -1
@@ -149,6 +163,9 @@ class Recorder:
             if optimizer is None:
                 raise ValueError("optimizer_state=True needs the optimizer: "
                                  "Recorder(..., optimizer=opt, optimizer_state=True)")
+            if self._is_sharded:
+                raise ValueError("optimizer_state=True is not supported for a sharded (FSDP) "
+                                 "model; record its weights without it")
             self._states = state_names(optimizer)
         budget = _budget.parse_bytes(host_memory) if host_memory is not None \
             else _budget.default_host_memory()
@@ -161,16 +178,31 @@ class Recorder:
         self._patterns = {"include": patterns(include), "exclude": patterns(exclude)}
         self._codec = codec
         # A shard is encoded whole in a writer's memory: keep it a small part of the budget.
-        self._shard_bytes = max(min(SHARD_BYTES, budget // 32), 1)
+        # Sharded models: one chunk per storage unit (no Zarr sharding), since a unit must
+        # stay much smaller than a rank's piece of a big tensor, or whole units would have
+        # to travel to their one writing rank.
+        self._shard_bytes = 0 if sharded else max(min(SHARD_BYTES, budget // 32), 1)
         self.params, self.buffers = self._selected()
         self.plan = self._plan(budget, writers)  # before touching the store
-        self._writer = self._open_writer(config, overwrite=overwrite, resume=resume)
+        if sharded:
+            self._writer = self._open_shared_writer(config, overwrite=overwrite, resume=resume)
+        else:
+            self._writer = self._open_writer(config, overwrite=overwrite, resume=resume)
         try:
-            self._start()
+            self._start(sharded)
         except BaseException:
             self._writer.release()
             raise
         self._closed = False
+
+    @property
+    def param_columns(self) -> tuple[tuple[int, int], ...]:
+        """The `(start, stop)` runs of the `param` axis this process writes (may be empty)."""
+        if not self.active:
+            return ()
+        if self._sharded is not None:
+            return self._sharded.columns
+        return ((0, sum(s.size for s in self.params)),)
 
     # -- set-up -------------------------------------------------------------------------
     def _selected(self):
@@ -182,16 +214,26 @@ class Recorder:
         return chosen
 
     def _widths(self) -> dict[str, int]:
+        """Columns this process writes per row, by array."""
+        return self._full_widths(sharded=True)
+
+    def _full_widths(self, sharded: bool = False) -> dict[str, int]:
         n_params = sum(s.size for s in self.params)
-        return {"params": n_params, "buffers": sum(s.size for s in self.buffers),
-                "grad_norm": len(self.params),
-                **{ARRAY_PREFIX + name: n_params for name in self._states}}
+        widths = {"params": n_params, "buffers": sum(s.size for s in self.buffers),
+                  "grad_norm": len(self.params),
+                  **{ARRAY_PREFIX + name: n_params for name in self._states}}
+        if sharded and self._is_sharded:  # the columns this rank writes
+            widths["params"] = (self._sharded.width if self._sharded is not None
+                                else -(-n_params // self._world))  # about a share
+            if not self._whole:
+                widths["buffers"] = widths["grad_norm"] = 0
+        return widths
 
     def _units(self, rows: int) -> dict[str, int]:
         # Columns per storage unit of a new group's arrays (a shard, else a chunk).
         out = {}
         for name in self._row_arrays():
-            layout = row_array_layout(self._widths()[name], rows, codec=self._codec,
+            layout = row_array_layout(self._full_widths()[name], rows, codec=self._codec,
                                       shard_bytes=self._shard_bytes)
             out[name] = (layout["shards"] or layout["chunks"])[1]
         return out
@@ -220,7 +262,7 @@ class Recorder:
     def _open_writer(self, config, *, overwrite: bool, resume: bool) -> HistoryWriter:
         if not resume:
             return history.create(
-                self.path, self.group, model=type(self._model).__name__,
+                self.path, self.group, model=model_class_name(self._model),
                 schedule=self.schedule, eval_schedule=self.eval_schedule, params=self.params,
                 buffers=self.buffers, patterns=self._patterns, config=config,
                 overwrite=overwrite, chunk_steps=self.plan.rows, codec=self._codec,
@@ -238,19 +280,56 @@ class Recorder:
             raise
         return writer
 
-    def _start(self) -> None:
+    def _open_shared_writer(self, config, *, overwrite: bool, resume: bool) -> HistoryWriter:
+        # Rank 0 creates or reopens the group (holding its lock for the whole job) and
+        # opens a session of per-rank flags; the others attach once it has, or raise the
+        # same error when it could not.
+        dist = torch.distributed
+        outcome: list = [None, 0]
+        if self._whole:
+            try:
+                writer = self._open_writer(config, overwrite=overwrite, resume=resume)
+                try:
+                    outcome[1] = writer.start_session(self._world)
+                except BaseException:
+                    writer.release()
+                    raise
+            except BaseException as exc:
+                outcome[0] = " ".join(str(exc).split()) or type(exc).__name__
+                dist.broadcast_object_list(outcome, src=0)
+                raise
+        dist.broadcast_object_list(outcome, src=0)
+        self._session = int(outcome[1])
+        if self._whole:
+            return writer
+        if outcome[0] is not None:
+            raise StoreError(outcome[0])
+        return HistoryWriter.attach(self.path, self.group)
+
+    def _start(self, sharded: bool) -> None:
         # The layout of the arrays as stored decides the pieces (a resumed store may have
         # been made with other chunks).
         units = {name: self._writer.block_shape(name)[1] for name in self._row_arrays()}
-        self._writer.ensure_row_hashes()
+        if sharded:  # collective: every rank finds its shards and its storage units
+            tensors = [getattr(self._model.get_submodule(s.name.rpartition(".")[0]),
+                               s.name.rpartition(".")[2]) for s in self.params]
+            self._sharded = ShardedRows(self.params, tensors, units["params"])
+            self._param_tensors = tensors
+        else:
+            self._writer.ensure_row_hashes()
         self.plan = self._plan(self.plan.budget, self.plan.writers, units,
                                chunk=self._writer.chunk_steps)
+        if self._sharded is not None:
+            self.plan = self._sharded.to_store(self.plan)
         self.chunk_steps = self._writer.chunk_steps
         self._batch_width = batch_width(self._writer.group)
         self._region = SharedRegion(self.plan.slots * self.plan.slot_floats * 4)
         self._pinned = self._pin_region()
-        self._gather = Gather(self._model, self.params, self.buffers,
-                              [p for seg in self.plan.segments for p in seg], self._optimizer,
+        pieces = [p for seg in self.plan.segments for p in seg]
+        if self._sharded is not None:  # parameters and their norms come from the shards
+            pieces = [p for p in pieces if p.array == "buffers"]
+        self._gather = Gather(self._model, [] if sharded else self.params,
+                              self.buffers if self._whole else [], pieces, self._optimizer,
                               optimizer_state=self._states)
         self._blocks: dict[int, Block] = {}
         lock = self._writer.lock
@@ -261,6 +340,7 @@ class Recorder:
             lock_fd=getattr(lock, "fileno", lambda: None)(),
             control=self._control, ensure_scalar=self._writer.ensure_scalar,
             ensure_batch=lambda: self._writer.ensure_batch(self._batch_width),
+            part=(self.rank, self._session) if sharded else None,
         )
 
     def _pin_region(self) -> bool:
@@ -322,7 +402,12 @@ class Recorder:
         first, row = i - i % rows, i % rows
         if self._optimizer is not None and "lr" not in scalars:
             scalars["lr"] = self._optimizer.param_groups[0]["lr"]
-        self._gather.begin(grad_norm)
+        if not self._whole:
+            scalars, ids = {}, None
+        self._gather.begin(grad_norm if self._sharded is None else None)
+        if self._sharded is not None:
+            with torch.no_grad():
+                self._sharded.take(self._param_tensors)
         last = len(self.plan.segments) - 1
         for seg_no, segment in enumerate(self.plan.segments):
             block = self._blocks.get(seg_no)
@@ -332,7 +417,10 @@ class Recorder:
             if block is None:
                 block = self._blocks[seg_no] = self._new_block(segment, first, seg_no, last)
             for piece, view in block.pieces:
-                self._gather.fill(piece, view[row])
+                if self._sharded is not None and piece.array != "buffers":
+                    self._sharded.fill(piece, view[row])
+                else:
+                    self._gather.fill(piece, view[row])
             event = self._gather.copied()
             if event is not None:
                 block.events.append(event)
@@ -437,7 +525,7 @@ class Recorder:
 
         Returns False (and stores nothing) when `step` is not in the evaluation schedule.
         """
-        if not self.active or self.eval_schedule is None or step not in self.eval_schedule:
+        if not self._whole or self.eval_schedule is None or step not in self.eval_schedule:
             return False
         self._queue(("eval", self.eval_schedule.index(step), dict(metrics)))
         return True
@@ -449,12 +537,16 @@ class Recorder:
         last `record` call; it is stored after every row and evaluation queued before it
         is committed, so the point never runs ahead of the rows.
         """
-        if self.active:
+        if self._sharded is not None:
+            self.flush()  # every rank's rows up to here are committed before the point
+        if self.active and self._whole:
             self._queue(("resume", point))
 
     def mark_complete(self) -> None:
         """Record that the history is finished; its resume state is dropped."""
-        if self.active:
+        if self._sharded is not None:
+            self.flush()
+        if self.active and self._whole:
             self._queue(("complete",))
 
     def _queue(self, item: tuple) -> None:
@@ -469,6 +561,8 @@ class Recorder:
             self._writer.save_resume_point(item[1])
         elif item[0] == "complete":
             self._writer.mark_complete()
+        elif item[0] == "commit_ready":
+            self._writer.commit_ready(self._session)
 
     def _raise_writer_error(self) -> None:
         error = getattr(self, "_pipe", None) and self._pipe.check()
@@ -477,12 +571,21 @@ class Recorder:
                                "before are kept")
 
     def flush(self) -> None:
-        """Write everything recorded so far and wait until it is committed."""
+        """Write everything recorded so far and wait until it is committed.
+
+        Collective when the model is sharded: every rank calls it.
+        """
         if not self.active or self._closed:
             return
         self._submit_all()
         self._pipe.sync()
         self._raise_writer_error()
+        if self._sharded is not None:
+            torch.distributed.barrier()  # every rank's parts are written and flagged
+            if self._whole:
+                self._pipe.control(("commit_ready",))
+                self._pipe.sync()
+                self._raise_writer_error()
 
     def close(self) -> None:
         """Flush, stop the writers and re-consolidate metadata; raise any writer error."""
@@ -499,7 +602,7 @@ class Recorder:
             self._pipe.close()
             self._gather.close()
             try:
-                if self._pipe.error is None:
+                if self._pipe.error is None and self._whole:
                     self._writer.close()
             finally:
                 self._writer.release()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ckpt_tools.config import TrainConfig
+from ckpt_tools.sharded import is_sharded
 from ckpt_tools.store import (
     Location,
     ResumePoint,
@@ -100,7 +101,14 @@ def capture(
 
     Returns:
         A `ResumePoint` of copies (safe to hand to a background writer).
+
+    Raises:
+        ValueError: the model is sharded (FSDP): a point holds the whole model.
     """
+    if is_sharded(model):
+        raise ValueError("a resume point holds the whole model, and this one is sharded "
+                         "(FSDP): save its training state with torch.distributed.checkpoint"
+                         " and continue the history with Recorder(..., resume=True)")
     params = [p for _, p in model.named_parameters()]
     state = model.state_dict()
     buffers = [state[s.name] for s in buffer_specs(model)]

@@ -19,6 +19,7 @@ same order (`Recorder` construction, `record`, `flush`, `close`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ckpt_tools.recording.budget import Piece as Columns
+from ckpt_tools.recording.budget import Plan
 from ckpt_tools.shard_plan import Piece, ShardPlan, plan_writes
 from ckpt_tools.tensors import TensorSpec
 
@@ -131,6 +134,43 @@ class ShardedRows:
         self._mine = {p.tensor for p in pieces[self.rank]}
         locals_ = [_local(t) for t in tensors]
         self.device = locals_[0].device if locals_ else torch.device("cpu")
+        self.row = np.empty(self.plan.width, np.float32)  # this rank's columns of a row
+        self.norms = np.full(len(tensors), np.nan, np.float32)
+        self._at: dict[Columns, int] = {}
+
+    def to_store(self, plan: Plan) -> Plan:
+        """`plan` with its `params` pieces moved from this rank's row to store columns.
+
+        `plan` was cut from a `params` width of `width` (this rank's columns end to end)
+        at the storage unit: since every run in `columns` is whole units, each piece lies
+        in one run.
+        """
+        starts = np.cumsum([0] + [hi - lo for lo, hi in self.columns])
+
+        def move(piece: Columns) -> Columns:
+            if piece.array != "params":
+                return piece
+            run = int(np.searchsorted(starts, piece.start, side="right")) - 1
+            lo = self.columns[run][0] + piece.start - int(starts[run])
+            moved = Columns("params", lo, lo + piece.width)
+            self._at[moved] = piece.start
+            return moved
+
+        return dataclasses.replace(plan, segments=tuple(tuple(move(p) for p in seg)
+                                                        for seg in plan.segments))
+
+    def take(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Gather this step's `row` and `norms` (collective: every rank, every row)."""
+        self.copy_row(tensors, self.row)
+        self.norms[:] = self.grad_norms(tensors)
+
+    def fill(self, piece: Columns, out: np.ndarray) -> None:
+        """Copy `piece` (store columns of `params`, or of `grad_norm`) of the taken step."""
+        if piece.array == "grad_norm":
+            out[:] = self.norms[piece.start:piece.stop]
+        else:
+            at = self._at[piece]
+            out[:] = self.row[at:at + piece.width]
 
     @property
     def columns(self) -> tuple[tuple[int, int], ...]:
@@ -182,8 +222,3 @@ class ShardedRows:
         squares[missing] = float("nan")
         dist.all_reduce(squares)
         return squares.sqrt().float().cpu().numpy()
-
-    @property
-    def writes_whole_tensors(self) -> bool:
-        """Whether this rank writes what is not sharded: buffers, scalars, metadata."""
-        return self.rank == 0

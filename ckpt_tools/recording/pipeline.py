@@ -124,6 +124,10 @@ class Pipeline:
         ensure_batch: Creates the `batch` array before the first example ids are written.
         column_offsets: First store column of this process's rows, per array (0 unless
             several processes each write a slice of the columns).
+        part: ``(rank, session)`` when several ranks write parts of each row (sharded
+            models): writer 0 then flags this rank's part instead of committing (rank 0
+            also commits the rows every rank has flagged), and rows carry no content
+            hash (no process holds a whole row).
     """
 
     def __init__(
@@ -140,10 +144,12 @@ class Pipeline:
         ensure_batch: Callable[[], None] | None = None,
         column_offsets: Mapping[str, int] | None = None,
         storage_options: Mapping | None = None,
+        part: tuple[int, int] | None = None,
     ):
         self.region, self._control, self._ensure_scalar = region, control, ensure_scalar
         self._ensure_batch, self._batch_known = ensure_batch, False
         self._offsets = dict(column_offsets or {})
+        self._part = list(part) if part is not None else None
         self.error: str | None = None
         self.free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
@@ -289,7 +295,7 @@ class Pipeline:
             rows.scalars = block.scalars
             rows.batches = block.batches
             rows.closed = True
-        if self.error is not None or not block.rows:
+        if self.error is not None or not block.rows or not block.pieces:
             self._release(block.slot)
             return
         for event in block.events:  # the device copies of these rows have landed
@@ -308,6 +314,8 @@ class Pipeline:
             self._send(self._writer_for(piece), msg, "piece", state)
         # The rows' content hashes: one writer per block (per row when streamed, so a
         # row's hash continues where its previous segment left it).
+        if self._part is not None:
+            return
         parts = [[offset, piece.width] for (piece, _), offset
                  in zip(block.pieces, block.offsets, strict=True)
                  if piece.array in ("params", "buffers")]
@@ -365,6 +373,7 @@ class Pipeline:
                 head.sent = True
                 hashes = [head.hashes.get(str(r)) for r in head.rows]
                 msg["hashes"] = hashes if all(hashes) else None
+                msg["part"] = self._part
                 self._send(0, msg, "commit", head)
                 return
             kind, payload = self._queue.popleft()

@@ -23,7 +23,10 @@ of a ``SOCK_SEQPACKET`` socket, and each is answered by one packet:
   "batch": [...]}``: write the per-step scalars and content hashes of `rows` and their
   batches' example ids (optional: a list of ids or null per row, padded with -1 to the
   width of ``batch``), then set their `committed` flags (the parent sends this only after
-  every block of those rows was written);
+  every block of those rows was written). With
+  ``"part": [RANK, SESSION]`` (a sharded recording, `ckpt_tools.store.parts`), set this
+  rank's `part_written` flags of `rows` instead; rank 0 then commits every row whose
+  flags all hold SESSION;
 - ``{"op": "end"}``: end the session (unmap the region, close the lock descriptor);
 - ``{"op": "close"}``: exit.
 
@@ -132,7 +135,24 @@ class _Writer:
                 if row_ids:
                     ids[i, :len(row_ids)] = row_ids
             self._set_rows("batch", rows, ids)
+        if msg.get("part") is not None:
+            self._commit_part(rows, *msg["part"])
+            return
         self._set_rows("committed", rows, True)  # last: the rows become visible
+
+    def _commit_part(self, rows, rank: int, session: int) -> None:
+        # As ckpt_tools.store.parts (this process does not import ckpt_tools).
+        flags = self.array("part_written")
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        column = self.np.asarray(flags[lo:hi, rank], dtype=self.np.int64)
+        column[rows - lo] = session
+        flags[lo:hi, rank] = column
+        if rank != 0:
+            return
+        done = self.np.asarray(self.array("committed")[:], dtype=bool)
+        ready = self.np.flatnonzero((self.np.asarray(flags[:]) == session).all(axis=1) & ~done)
+        if ready.size:
+            self._set_rows("committed", ready, True)
 
 
 def main(argv: list[str]) -> int:
