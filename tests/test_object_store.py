@@ -317,3 +317,33 @@ def test_location_errors_exit_2(s3_server, s3_url, no_aws_env):
     line = _one_line_error(runner.invoke(app, ["info", s3_url, "--storage-options", "[1]"]))
     assert "--storage-options must be a JSON object" in line
     assert not as_location(s3_url, s3_server).exists()  # nothing was created
+
+
+# -- reading at scale: dask workers read their own chunks from S3 ----------------------------
+_S3_ENDPOINTS = ("sorted({fs.storage_options.get('endpoint_url') "
+                 "for fs in __import__('s3fs').S3FileSystem._cache.values()})")
+
+
+def test_analyze_on_two_dask_worker_processes(s3_server, tmp_path, no_aws_env):
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from ckpt_tools.synthetic import write_synthetic_history
+
+    local = write_synthetic_history(tmp_path / "syn.zarr", n_steps=128, n_params=3000)
+    url = _upload(local, s3_server)  # 8 chunks of 16 steps
+    result = runner.invoke(app, ["analyze", str(local), "--only", "telemetry", "--quiet"])
+    assert result.exit_code == 0, result.output
+    # The workers start with no AWS variables: the storage options must travel with the tasks.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        with get_task_stream(client) as stream:
+            result = runner.invoke(app, [
+                "analyze", url, "--only", "telemetry", "--scheduler", cluster.scheduler_address,
+                "--storage-options", json.dumps(s3_server), "--quiet"])
+        assert result.exit_code == 0, result.output
+        opened = client.run(eval, _S3_ENDPOINTS)
+    assert len(opened) == 2
+    assert all(s3_server["endpoint_url"] in endpoints for endpoints in opened.values()), opened
+    assert len({task["worker"] for task in stream.data}) == 2
+    _same_result(read_result(as_location(url, s3_server), "telemetry"),
+                 read_result(local, "telemetry"))
