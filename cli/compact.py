@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ckpt_tools.cli.errors import fail, friendly
+from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 from ckpt_tools.store.compact import compact_store
 
 __all__ = ["compact"]
@@ -19,16 +19,21 @@ def _mib(n: int) -> str:
 
 @friendly
 def compact(
-    store: Annotated[Path, typer.Argument(help="A recorded store (RUN.zarr).")],
+    store: Annotated[str, typer.Argument(help="A recorded store (RUN.zarr) on local disk.")],
     group: Annotated[str | None, typer.Option(
         help="One history group (default: every history in the store).",
     )] = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Compress the uncompressed histories of a store in place, chunk by chunk.
 
     Safe to interrupt at any moment (the history reads the same before, during and
     after); run the same command again to continue. Needs free disk for one chunk.
     """
+    where = store_location(store, storage_options)
+    if not where.is_local:
+        raise fail(f"ckpt compact rewrites chunks in place on local disk; {store} is not "
+                   "local: compact a local copy, then upload it", USAGE)
     try:
         reports = compact_store(store, None if group is None else [group])
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ckpt_tools.cli.errors import USAGE, fail, friendly
+from ckpt_tools.cli.location import StorageOptions, store_location
 
 __all__ = ["import_series"]
 
@@ -17,7 +18,7 @@ __all__ = ["import_series"]
 @friendly
 def import_series(
     sources: Annotated[list[Path] | None, typer.Argument(help="Checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors), checkpoint folders (save_pretrained, checkpoint-N/), or folders of them.", show_default=False)] = None,  # noqa: E501
-    out: Annotated[Path, typer.Option("--out", "-o", help="Store to write (RUN.zarr); created if missing.")] = ...,  # noqa: E501
+    out: Annotated[str, typer.Option("--out", "-o", help="Store to write (RUN.zarr or an s3:// URL); created if missing.")] = ...,  # noqa: E501
     group: Annotated[str, typer.Option(help="History group to create.")] = "train",
     hf_repo: Annotated[str | None, typer.Option(help="Read the revisions of this Hugging Face repository (ORG/NAME) from the local cache, offline.")] = None,  # noqa: E501
     revisions: Annotated[str | None, typer.Option(help="Comma-separated revisions of --hf-repo, in order (step0,step1,step2,...).")] = None,  # noqa: E501
@@ -26,6 +27,7 @@ def import_series(
     schedule: Annotated[str | None, typer.Option(help="The schedule the series was saved on (text form or preset, e.g. pythia): missing steps are reported as gaps.")] = None,  # noqa: E501
     overwrite: Annotated[bool, typer.Option(help="Replace an existing group of the same name.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Import a series of existing checkpoints into a history group, bit for bit.
 
@@ -48,7 +50,8 @@ def import_series(
                   TimeRemainingColumn(), transient=True, disable=quiet) as bar:
         task = bar.add_task("import", total=len(checkpoints))
         report = import_checkpoints(
-            out, checkpoints, group=group, step_regex=step_regex, schedule=schedule,
+            store_location(out, storage_options), checkpoints, group=group,
+            step_regex=step_regex, schedule=schedule,
             overwrite=overwrite, progress=lambda done: bar.update(task, completed=done),
         )
     for line in report.notes:

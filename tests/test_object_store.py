@@ -347,3 +347,34 @@ def test_analyze_on_two_dask_worker_processes(s3_server, tmp_path, no_aws_env):
     assert len({task["worker"] for task in stream.data}) == 2
     _same_result(read_result(as_location(url, s3_server), "telemetry"),
                  read_result(local, "telemetry"))
+
+
+# -- the other commands that take a store ----------------------------------------------------
+def test_import_export_compact_with_urls(s3_server, s3_url, s3_tiny, tiny_run, tmp_path):
+    options = json.dumps(s3_server)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    files = []
+    for step in (0, 1, 2):
+        with torch.no_grad():
+            net[0].weight.add_(0.1)
+        files.append(tmp_path / f"ckpt_{step}.pt")
+        torch.save(net.state_dict(), files[-1])
+    local = tmp_path / "imported.zarr"
+    for out, extra in ((s3_url, ["--storage-options", options]), (str(local), [])):
+        result = runner.invoke(app, ["import", *map(str, files), "--out", out, "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+    xr.testing.assert_identical(
+        ckpt_tools.open_history(s3_url, storage_options=s3_server).load().drop_attrs(),
+        ckpt_tools.open_history(local).load().drop_attrs())
+    for store, extra, name in ((s3_tiny.url, ["--storage-options", options], "s3.pt"),
+                               (str(tiny_run), [], "local.pt")):
+        result = runner.invoke(app, ["export", store, "--step", "7", "--format", "torch",
+                                     "-o", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    got = torch.load(tmp_path / "s3.pt", weights_only=True)
+    want = torch.load(tmp_path / "local.pt", weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    line = _one_line_error(runner.invoke(app, ["compact", s3_tiny.url, "--storage-options",
+                                               options]))
+    assert "rewrites chunks in place on local disk" in line

@@ -11,7 +11,6 @@ Formats: ``docs/integrations.md``. Reading safetensors needs the ``hub`` extra.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from ckpt_tools.importer.series import Series, plan_series
 from ckpt_tools.importer.write import write_series
 from ckpt_tools.provenance import provenance
 from ckpt_tools.schedule import Schedule
-from ckpt_tools.store import HistoryWriter, consolidate, history_check
+from ckpt_tools.store import HistoryWriter, as_location, consolidate, history_check
 
 __all__ = [
     "Checkpoint",
@@ -127,8 +126,8 @@ def import_checkpoints(
     series = plan_series(checkpoints, step_regex=step_regex)
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    out = Path(out)
-    store_existed, group_existed = out.exists(), (out / group).exists()
+    out = as_location(out)
+    store_existed, group_existed = out.exists(), out.exists(group)
     writer = HistoryWriter.create(
         out, group, steps=[r.step for r in series.rows], params=series.params,
         buffers=series.buffers, attrs=_attrs(series, schedule, step_regex),
@@ -139,9 +138,9 @@ def import_checkpoints(
     except BaseException:
         writer.release()
         if not store_existed:
-            shutil.rmtree(out, ignore_errors=True)
+            out.remove("", recursive=True)
         elif not group_existed:
-            shutil.rmtree(out / group, ignore_errors=True)
+            out.remove(group, recursive=True)
             consolidate(out)
         raise
     writer.close()
