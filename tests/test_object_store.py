@@ -378,3 +378,11 @@ def test_import_export_compact_with_urls(s3_server, s3_url, s3_tiny, tiny_run, t
     line = _one_line_error(runner.invoke(app, ["compact", s3_tiny.url, "--storage-options",
                                                options]))
     assert "rewrites chunks in place on local disk" in line
+
+
+def test_local_stores_never_import_s3fs(tiny_run):
+    code = ("import sys, ckpt_tools; ckpt_tools.open_history(sys.argv[1]).load(); "
+            "ckpt_tools.load_state_dict(sys.argv[1], 0); print('s3fs' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_run)], capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"
