@@ -148,5 +148,7 @@ def give_back(procs: list[WriterProcess]) -> None:
 @atexit.register
 def _stop_idle() -> None:
     with _guard:
+        if _owner != os.getpid():  # a forked child: the writers are its parent's
+            return
         while _idle:
             _idle.pop().stop(timeout=5.0)
