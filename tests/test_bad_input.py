@@ -114,6 +114,9 @@ def test_a_path_that_is_not_a_store(tmp_path):
         (["--eval-schedule", "log2:-4"], "log2:-4"),
         (["--model", "resnet7"], "resnet7"),
         (["--dataset", "imagenet"], "imagenet"),
+        (["--host-memory", "lots"], "--host-memory: invalid memory size 'lots'"),
+        (["--host-memory", "1MiB"], "smallest budget that works is"),
+        (["--include", "*attn*"], "no tensor of"),
     ],
 )
 def test_bad_options_create_nothing(tmp_path, args, message):
