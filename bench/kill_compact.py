@@ -6,8 +6,8 @@ Writes a history uncompressed (``codec="none"``): a sharded `params` array (rows
 more than four chunks), an unsharded `buffers` array, gradient norms and a loss, from a
 seeded random walk, and the same rows once more with the default codec as the reference
 for the finished layout. Then `ckpt compact` subprocesses run on a copy and are killed
-(SIGKILL; every `--sigint-every`-th trial Ctrl-C instead) after a random delay, and run
-again. After every kill:
+(SIGKILL; every `--sigint-every`-th trial Ctrl-C instead) at a random moment of their
+work (once they hold the group's lock), and run again. After every kill:
 
 - the store opens (`ckpt_tools.open_store` and plain `xarray.open_datatree`);
 - every row of `params`, `buffers`, `grad_norm` and `loss` read through ckpt-tools, and
@@ -40,6 +40,7 @@ import xarray as xr
 import ckpt_tools
 from ckpt_tools.store import HistoryWriter, StoreError
 from ckpt_tools.store.compact import PROGRESS_NAME
+from ckpt_tools.store.lock import LOCK_NAME, holder_of
 from ckpt_tools.tensors import TensorSpec
 
 ROWS = ("params", "buffers", "grad_norm", "loss")
@@ -175,17 +176,25 @@ def main() -> int:
     victim = work / "victim.zarr"
     shutil.copytree(pristine, victim)
     start = time.monotonic()
-    subprocess.run([*_ckpt(), "compact", str(victim)], check=True, capture_output=True)
+    done = subprocess.run([*_ckpt(), "compact", str(victim)], check=True, capture_output=True,
+                          text=True)
     full = time.monotonic() - start
+    own = float(done.stdout.rsplit(" in ", 1)[1].split(" s")[0])  # without start-up
     print(f"history: {args.steps} rows x ({args.params:,} + {args.buffers:,}) float32, "
-          f"{raw_size / 2**20:.1f} MiB raw on disk; uninterrupted `ckpt compact`: {full:.2f} s")
+          f"{raw_size / 2**20:.1f} MiB raw on disk; uninterrupted `ckpt compact`: {full:.2f} s "
+          f"({own:.2f} s after start-up)")
     tally = Tally()
     shutil.rmtree(victim)
     shutil.copytree(pristine, victim)
     while tally.kills < args.trials:
         proc = subprocess.Popen([*_ckpt(), "compact", str(victim)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        time.sleep(rng.uniform(0.3, 1.0) * full)
+        # Most kills should land while it works, not while Python starts: wait until it
+        # holds the group's lock, then draw the delay over the compaction's own length.
+        lock = victim / "train" / LOCK_NAME
+        while proc.poll() is None and holder_of(lock).get("pid") != proc.pid:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 1.1) * own)
         if proc.poll() is None:
             tally.kills += 1
             sigint = args.sigint_every and tally.kills % args.sigint_every == 0

@@ -55,8 +55,9 @@ SHARD_AFTER = 4
 SHARD_BYTES = 1 << 29
 """Raw bytes of one shard at most (512 MiB: a 1B-parameter row is 8 files, not 3,815).
 
-The process that writes a shard encodes it whole in memory (about twice its size at the
-peak), so a writer with a smaller host-memory budget passes a smaller value."""
+A shard is the smallest unit a writer can write without rewriting it, and Zarr holds
+about twice the raw size of one write while encoding it (`bench/shards.py`), so a
+writer with a smaller host-memory budget passes a smaller value."""
 
 
 class Codec(StrEnum):
