@@ -122,8 +122,8 @@ def _positions(stored: np.ndarray, steps: Sequence[int] | None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def _dataset(name: str, root: str | None) -> datasets.ImageData:
-    return datasets.load(name, root=root)
+def _dataset(name: str, root: str | None, resolution: int | None = None) -> datasets.ImageData:
+    return datasets.load(name, root=root, resolution=resolution)
 
 
 def _evaluate_row(p_parts, b_parts, row, config, p_table, b_table, batch_size, device):
@@ -131,7 +131,7 @@ def _evaluate_row(p_parts, b_parts, row, config, p_table, b_table, batch_size, d
     config = TrainConfig.from_dict(config)
     params = np.concatenate([p[row] for p in p_parts])
     buffers = np.concatenate([b[row] for b in b_parts]) if b_parts else np.zeros(0)
-    data = _dataset(config.dataset, config.data_root)
+    data = _dataset(config.dataset, config.data_root, config.resolution)
     model = models.build(
         config.model, num_classes=data.num_classes, in_channels=data.in_channels,
         image_size=data.image_size, width=config.width,

@@ -8,9 +8,10 @@ For optimizer update ``step`` (1-based) with ``B = batches_per_epoch(data, batch
   ``torch.Generator`` seeded from ``(seed, e)``; the last incomplete batch is dropped;
 - the batch is positions ``[p * batch_size, (p + 1) * batch_size)`` of that order, with
   ``p = (step - 1) % B``;
-- when ``data.augment``, each image gets a random crop (zero padding 4, in pixel space)
-  and a horizontal flip with probability 1/2, drawn from a generator seeded from
-  ``(seed, step)``.
+- when ``data.augment``, each image gets a random crop (zero padding ``pad_for(size)``
+  pixels on every side, then a window of the original size: 4 at 32x32, 2 at 28x28, 1 at
+  14x14 and 8x8) and a horizontal flip with probability 1/2, drawn from a generator
+  seeded from ``(seed, step)`` (`augmentation`).
 
 Generator seeds are 63-bit BLAKE2b hashes of ``(stream, seed, index)``, so the order and
 augmentation streams never collide. All randomness is drawn on the CPU; only the selected
@@ -25,9 +26,19 @@ import torch
 
 from ckpt_tools.data import ImageData
 
-__all__ = ["batch_for_step", "batch_indices", "batches_per_epoch", "normalize", "test_batches"]
+__all__ = [
+    "augmentation", "batch_for_step", "batch_indices", "batches_per_epoch", "crop_and_flip",
+    "normalize", "pad_for", "test_batches",
+]
 
-PAD = 4  # pixels of zero padding before the random crop
+
+def pad_for(image_size: int) -> int:
+    """Pixels of zero padding before the random crop of an ``image_size`` image.
+
+    4 at 32x32 and above (CIFAR's recipe), else ``max(1, image_size // 14)``: 2 at 28x28,
+    1 at 14x14 and 8x8.
+    """
+    return 4 if image_size >= 32 else max(1, image_size // 14)
 
 
 def batches_per_epoch(data: ImageData, batch_size: int) -> int:
@@ -69,9 +80,26 @@ def batch_for_step(
     index = batch_indices(data, step, batch_size=batch_size, seed=seed, train=train)
     x, y = x_all[index], y_all[index]
     if train and data.augment:
-        generator = torch.Generator().manual_seed(_stream_seed("augment", seed, step))
-        x = _crop_and_flip(x, generator)
+        x = crop_and_flip(x, *augmentation(data, step, batch_size=batch_size, seed=seed))
     return normalize(data, x, device=device), _to(y, device)
+
+
+def augmentation(
+    data: ImageData, step: int, *, batch_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random crop and flip of each image in the training batch of update ``step``.
+
+    Returns:
+        ``dy``, ``dx``: int64 (batch_size,), the crop window's top-left corner in the
+        padded image, each in ``[0, 2 * pad_for(data.image_size)]``; ``flip``: bool
+        (batch_size,), whether the crop is mirrored left-right.
+    """
+    pad = pad_for(data.image_size)
+    generator = torch.Generator().manual_seed(_stream_seed("augment", seed, step))
+    dy = torch.randint(0, 2 * pad + 1, (batch_size,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (batch_size,), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < 0.5
+    return dy, dx, flip
 
 
 def batch_indices(
@@ -149,14 +177,18 @@ def _epoch_order(seed: int, split: str, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _crop_and_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # x: (B, C, H, W) uint8. One gather does crop and flip: a flipped crop reads its
-    # window's columns in reverse order.
+def crop_and_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """Random crops and flips of uint8 images (B, C, H, W), as `augmentation` draws them.
+
+    Each image is padded with ``pad_for(H)`` zeros on every side, cropped to (H, W) at
+    ``(dy, dx)`` and mirrored left-right where ``flip``.
+    """
+    # One gather does crop and flip: a flipped crop reads its window's columns in reverse.
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
-    dy = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
+    pad = pad_for(h)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.arange(w)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)

@@ -34,6 +34,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up from 0 over these many updates
     seed: int = 0  # model initialisation
     data_seed: int | None = None  # data order and augmentation; None: same as `seed`
+    augment: bool | None = None  # random crop + flip; None: the dataset's default (CIFAR, SVHN)
+    resolution: int | None = None  # image side in pixels (area-averaged down); None: native
     schedule: str = "dense-early"  # checkpoint schedule (text form or preset)
     eval_schedule: str | None = None  # None: 20 evenly spaced evaluations and the last
     eval_batch_size: int = 128  # examples per evaluation batch (128 is fastest on CPU)
@@ -46,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be at least 1 pixel, got {self.resolution}")
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
 
     @property

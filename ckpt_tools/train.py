@@ -77,7 +77,8 @@ def build(
     config: TrainConfig, *, task: Task | None = None
 ) -> tuple[nn.Module, datasets.ImageData]:
     """Load the dataset (``task.prepare``d) and build the model, initialised from `config.seed`."""
-    data = datasets.load(config.dataset, root=config.data_root)
+    data = datasets.load(config.dataset, root=config.data_root, augment=config.augment,
+                         resolution=config.resolution)
     if task is not None and task.prepare is not None:
         data = task.prepare(data)
     torch.manual_seed(config.seed)

@@ -97,6 +97,8 @@ def record(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
     width: Annotated[int | None, typer.Option(help="Model width (first-stage channels).")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop (pad 4 at 32x32, 2 at 28x28, 1 below) and horizontal flip of training images, a pure function of (seed, step); default: on for CIFAR and SVHN only.")] = None,  # noqa: E501
+    resolution: Annotated[int | None, typer.Option(min=1, help="Shrink images to this side in pixels by area averaging, e.g. 14 for Fashion-MNIST (default: native).")] = None,  # noqa: E501
     schedule: Annotated[str | None, typer.Option(help="Checkpoint schedule: text form (0:100:1,100:1000:10) or preset (dense-early, paper, pythia).")] = None,  # noqa: E501
     eval_schedule: Annotated[str | None, typer.Option(help="Steps at which to evaluate on the test split (sparser).")] = None,  # noqa: E501
     device: Annotated[Device, typer.Option(help="Device to train on.")] = Device.cpu,
@@ -137,9 +139,11 @@ def record(
         TrainConfig(), model=model, dataset=dataset,
         data_root=str(data_root) if data_root else None, steps=steps, batch_size=batch_size,
         lr=lr, seed=seed, width=width, schedule=schedule, eval_schedule=eval_schedule,
-        device=device.value,
+        device=device.value, augment=augment, resolution=resolution,
     )
     config.checkpoint_schedule()  # malformed schedules fail before any work
+    if config.resolution is not None:
+        _check_resolution(config)
     config.evaluation_schedule()
     if out is None:
         default_out(config).parent.mkdir(parents=True, exist_ok=True)
@@ -156,3 +160,13 @@ def record(
     acc = result.final_eval.get("test_accuracy")
     summary = f", test accuracy {acc:.4f}" if acc is not None else ""
     typer.echo(f"recorded {out} (group '{result.group}', last step {result.last_step}{summary})")
+
+
+def _check_resolution(config: TrainConfig) -> None:
+    """Fail before any work when --resolution exceeds the dataset's native size."""
+    from ckpt_tools.data import load
+
+    try:
+        load(config.dataset, root=config.data_root, resolution=config.resolution)
+    except ValueError as exc:
+        raise fail(f"--resolution: {exc}", USAGE) from None
