@@ -183,6 +183,32 @@ def test_noise_std_is_alpha_times_layer_std(alpha):
 def test_noise_rejects_negative_alpha():
     with pytest.raises(ValueError, match="alpha"):
         perturb.add_noise(WK, MASK, alpha=-1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        perturb.add_noise_norm_matched(WK, MASK, alpha=-1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.414, 3.0])
+def test_norm_matched_noise_keeps_each_layer_norm_and_the_plain_noise_direction(alpha):
+    plain = perturb.add_noise(WK, MASK, alpha=alpha, seed=4)
+    matched = ABLATIONS["noise_norm_matched"](Start(W0, WK, MASK), seed=4, alpha=alpha).weights
+    for name, m in MASK.items():
+        keep = torch.from_numpy(m)
+        at_k = torch.linalg.vector_norm(torch.from_numpy(WK[name]).double() * keep)
+        new = torch.from_numpy(matched[name]).double()
+        noisy = torch.from_numpy(plain[name]).double()
+        # the norm at k, to float32 rounding, where the plain noise moved it
+        assert float(torch.linalg.vector_norm(new)) == pytest.approx(float(at_k), rel=1e-6)
+        assert float(torch.linalg.vector_norm(noisy)) > 1.02 * float(at_k)
+        # the same direction as the plain noise of the same seed
+        torch.testing.assert_close(new / torch.linalg.vector_norm(new),
+                                   noisy / torch.linalg.vector_norm(noisy), rtol=0, atol=1e-6)
+        assert torch.all(new[~keep] == 0)
+
+
+def test_norm_matched_noise_of_alpha_zero_is_rewinding():
+    out = perturb.add_noise_norm_matched(WK, MASK, alpha=0.0, seed=1)
+    for name, m in MASK.items():
+        np.testing.assert_allclose(out[name], np.where(m, WK[name], 0), rtol=1e-6, atol=0)
 
 
 def test_random_reinit_is_fresh_init_distribution():
@@ -262,21 +288,25 @@ def _prunable(store) -> list[TensorSpec]:
 
 @pytest.fixture(scope="module")
 def ablated(imp_store):
-    """`imp_store` after `ckpt ablate` of rewinding and of noise with alpha 0.5."""
+    """`imp_store` after `ckpt ablate` of rewinding and of both noise kinds with alpha 0.5."""
     result = CliRunner().invoke(app, [
         "ablate", str(imp_store), "--rewind", str(K), "--kind", "signs_k_mags_k",
-        "--kind", "noise", "--alpha", "0.5", "--preset", "smoke", "--quiet",
+        "--kind", "noise", "--kind", "noise_norm_matched", "--alpha", "0.5", "--preset",
+        "smoke", "--quiet",
     ])
     assert result.exit_code == 0, result.output
     assert "noise_alpha_0.5" in result.output
+    assert "noise_norm_matched_alpha_0.5" in result.output
     return imp_store
 
 
 def test_ablate_cli_records_ablated_runs(ablated):
     imp_store = ablated
     summary = read_ablation_summary(imp_store)
-    assert list(summary.kind.values) == ["noise_alpha_0.5", "signs_k_mags_k"]
+    assert list(summary.kind.values) == ["noise_alpha_0.5", "noise_norm_matched_alpha_0.5",
+                                         "signs_k_mags_k"]
     assert summary.alpha.sel(kind="noise_alpha_0.5") == 0.5
+    assert summary.ablation.sel(kind="noise_norm_matched_alpha_0.5") == "noise_norm_matched"
     assert np.isnan(summary.alpha.sel(kind="signs_k_mags_k"))
     # signs and magnitudes at k is rewinding: the very run IMP level 1 trained.
     imp = read_summary(imp_store).sel(rewind_step=K, level=1, seed=0)
@@ -284,22 +314,22 @@ def test_ablate_cli_records_ablated_runs(ablated):
     assert float(cell.test_accuracy.sel(kind="signs_k_mags_k")) == float(imp.test_accuracy)
     np.testing.assert_allclose(cell.remaining.values, float(imp.remaining))
 
-    group = ablation_group("noise_alpha_0.5", K, 1, 0)
     mask = read_mask(imp_store, K, 1, 0)
     stored_k = load_state_dict(imp_store, K)
-    start = load_state_dict(imp_store, K, group=group)
-    end = load_state_dict(imp_store, 40, group=group)
     prunable = {s.name for s in _prunable(imp_store)}
-    expected = perturb.add_noise(
-        {n: stored_k[n].numpy() for n in prunable}, {n: mask[n] for n in prunable},
-        alpha=0.5, seed=0,
-    )
-    for name, value in stored_k.items():
-        if name in prunable:  # the recorded start is the pure function's output
-            np.testing.assert_array_equal(start[name].numpy(), expected[name])
-            assert torch.all(end[name][~torch.from_numpy(mask[name])] == 0)
-        else:  # biases and BatchNorm start from step k
-            assert torch.equal(start[name], value)
+    for kind, fn in (("noise", perturb.add_noise),
+                     ("noise_norm_matched", perturb.add_noise_norm_matched)):
+        group = ablation_group(f"{kind}_alpha_0.5", K, 1, 0)
+        start = load_state_dict(imp_store, K, group=group)
+        end = load_state_dict(imp_store, 40, group=group)
+        expected = fn({n: stored_k[n].numpy() for n in prunable},
+                      {n: mask[n] for n in prunable}, alpha=0.5, seed=0)
+        for name, value in stored_k.items():
+            if name in prunable:  # the recorded start is the pure function's output
+                np.testing.assert_array_equal(start[name].numpy(), expected[name])
+                assert torch.all(end[name][~torch.from_numpy(mask[name])] == 0)
+            else:  # biases and BatchNorm start from step k
+                assert torch.equal(start[name], value)
 
 
 def test_ablate_without_imp_names_the_command(tiny_copy):
@@ -330,9 +360,13 @@ def test_report_section_draws_the_stored_ablations(ablated):
     assert set(figures) == {"noise"}  # rewinding alone draws no sign/magnitude panel
     rows = drawn_rows(figures["noise"].to_dict())
     summary = read_ablation_summary(ablated).sel(rewind_step=K, level=1, seed=0)
-    expected = {0.0: float(summary.test_accuracy.sel(kind="signs_k_mags_k")),
-                0.5: float(summary.test_accuracy.sel(kind="noise_alpha_0.5"))}
-    assert {r["alpha"]: r["mean"] for r in rows} == expected
+    acc = {str(k): float(summary.test_accuracy.sel(kind=k)) for k in summary.kind.values}
+    line = f"rewind {K}, level 1"
+    # one line per noise kind, both starting at rewinding (alpha 0)
+    assert {(r["run"], r["alpha"]): r["mean"] for r in rows} == {
+        (line, 0.0): acc["signs_k_mags_k"], (line, 0.5): acc["noise_alpha_0.5"],
+        (f"{line}, norm-matched", 0.0): acc["signs_k_mags_k"],
+        (f"{line}, norm-matched", 0.5): acc["noise_norm_matched_alpha_0.5"]}
 
 
 def _imp_and_ablation_summaries():

@@ -13,7 +13,8 @@ ABLATIONS`) and each data seed s:
    rate and data order continuing from k with order seed s, a fresh optimizer, pruned
    weights held at zero), so ``signs_k_mags_k`` reproduces IMP level L;
 4. the run is recorded as ``experiments/ablate/<condition>/rewind_<k>/level_<L>/seed_<s>``,
-   where the condition is the kind, or ``noise_alpha_<alpha>`` for ``noise``.
+   where the condition is the kind, or ``<kind>_alpha_<alpha>`` for the noise kinds
+   (``noise_alpha_<alpha>``, ``noise_norm_matched_alpha_<alpha>``).
 
 The summary (the result ``analyses/ablate_summary``) is gathered from every ablation group in the
 store after each call (see `ablation_summary`). A complete group is not trained again.
@@ -61,6 +62,7 @@ from ckpt_tools.train import TrainResult
 
 __all__ = [
     "EXPERIMENT",
+    "NOISE_KINDS",
     "SUMMARY",
     "AblationSettings",
     "ablation_group",
@@ -70,6 +72,7 @@ __all__ = [
     "run_ablations",
 ]
 
+NOISE_KINDS = ("noise", "noise_norm_matched")  # the kinds run once per --alpha
 SUMMARY = "ablate_summary"  # result name: the summary lives at analyses/ablate_summary
 
 _GROUP_RE = re.compile(r"^experiments/ablate/(.+)/rewind_(\d+)/level_(\d+)/seed_(\d+)$")
@@ -84,7 +87,8 @@ class AblationSettings:
         kinds: Names from `ABLATIONS`.
         level: The IMP level whose mask is ablated; None: the highest level stored for k.
         seeds: Data seeds (one IMP lineage each); None: every lineage stored for k.
-        alphas: Noise scales of ``noise`` (in units of each layer's std), one run each.
+        alphas: Noise scales of the `NOISE_KINDS` (in units of each layer's std), one
+            run each.
         schedule: Checkpoint schedule of each run (clipped to k..end); None: 21 steps.
         eval_schedule: Test evaluations of each run; None: the dense run's.
     """
@@ -102,8 +106,8 @@ class AblationSettings:
         "stored).")
     alphas: tuple[float, ...] = setting(
         (1.0,), option="--alpha",
-        help="Noise scale of --kind noise, in layer standard deviations (default 1); repeat "
-        "for several.")
+        help="Noise scale of --kind noise and noise_norm_matched, in layer standard "
+        "deviations (default 1); repeat for several.")
     schedule: str | None = setting(
         None, help="Checkpoint schedule of each run, clipped to k..end (default: 21 evenly "
         "spaced steps).")
@@ -129,8 +133,8 @@ class AblationSettings:
 
 
 def condition_label(kind: str, alpha: float | None = None) -> str:
-    """Name of a condition in groups and summaries: the kind, or ``noise_alpha_<alpha>``."""
-    return f"noise_alpha_{alpha:g}" if kind == "noise" else kind
+    """Name of a condition in groups and summaries: the kind, ``<kind>_alpha_<a>`` for noise."""
+    return f"{kind}_alpha_{alpha:g}" if kind in NOISE_KINDS else kind
 
 
 def ablation_group(condition: str, rewind: int, level: int, seed: int) -> str:
@@ -218,7 +222,7 @@ def run_ablations(
     wk = {n: state_k[n].numpy() for n in prunable}
     conditions = [
         (kind, alpha) for kind in settings.kinds
-        for alpha in (settings.alphas if kind == "noise" else (None,))
+        for alpha in (settings.alphas if kind in NOISE_KINDS else (None,))
     ]
     for seed in seeds:
         imp_mask = _mask(store, k, level, seed)
@@ -260,11 +264,11 @@ def ablation_summary(store: str | Path) -> xr.Dataset:
 
     Returns:
         A Dataset with dimensions ``(kind, rewind_step, level, seed)``, where ``kind``
-        holds condition labels (``noise_alpha_<a>`` for noise), with coordinates
-        ``ablation (kind)`` (the `ABLATIONS` name) and ``alpha (kind)`` (NaN but for
-        noise), and variables ``test_accuracy`` and ``test_loss`` (final evaluation;
-        NaN where not run or incomplete) and ``remaining`` (fraction of the prunable
-        weights the run's mask keeps).
+        holds condition labels (``<kind>_alpha_<a>`` for the noise kinds), with
+        coordinates ``ablation (kind)`` (the `ABLATIONS` name) and ``alpha (kind)`` (NaN
+        but for the noise kinds), and variables ``test_accuracy`` and ``test_loss``
+        (final evaluation; NaN where not run or incomplete) and ``remaining`` (fraction
+        of the prunable weights the run's mask keeps).
     """
     config = dense_config(store)
     found = {}

@@ -36,6 +36,7 @@ __all__ = [
     "Ablated",
     "Start",
     "add_noise",
+    "add_noise_norm_matched",
     "gaussian_reinit",
     "init_std",
     "permute",
@@ -202,6 +203,36 @@ def add_noise(
     Returns:
         ``w + alpha * std * N(0, 1)`` on unpruned entries.
     """
+    return {n: _masked(noisy, mask[n]) for n, noisy in _noisy(weights, mask, alpha, seed).items()}
+
+
+def add_noise_norm_matched(
+    weights: Weights, mask: Mask, *, alpha: float, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """`add_noise`, then each layer scaled back to the L2 norm its unpruned weights had at k.
+
+    Conv layers followed by BatchNorm compute the same function at any scale of their
+    weights, but a larger norm lowers their effective learning rate; plain noise grows a
+    layer's norm by about ``sqrt(1 + alpha**2)``, a permutation keeps it. This control
+    keeps the norm, so only the direction moves.
+
+    Returns:
+        ``v * ||m * w|| / ||v||`` per layer, with ``v = m * (w + alpha * std * N(0, 1))``
+        the same draw as `add_noise` with the same seed (so the direction is that of
+        `add_noise`'s result); a layer whose ``v`` is all zero stays zero.
+    """
+    out = {}
+    for n, noisy in _noisy(weights, mask, alpha, seed).items():
+        m = np.asarray(mask[n], dtype=bool)
+        v = np.where(m, noisy, 0.0)
+        target = np.linalg.norm(np.where(m, np.asarray(weights[n], dtype=np.float64), 0.0))
+        norm = np.linalg.norm(v)
+        out[n] = _masked(v * (target / norm) if norm > 0 else v, m)
+    return out
+
+
+def _noisy(weights: Weights, mask: Mask, alpha: float, seed: int) -> dict[str, np.ndarray]:
+    """``w + alpha * std * N(0, 1)`` per masked tensor, float64, before masking."""
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"noise scale alpha must be finite and >= 0, got {alpha}")
     _check(weights, mask)
@@ -209,7 +240,7 @@ def add_noise(
     for n, m in mask.items():
         w = np.asarray(weights[n], dtype=np.float64)
         _, std = _layer_moments(w, m)
-        out[n] = _masked(w + alpha * std * _rng(seed, n).standard_normal(w.shape), m)
+        out[n] = w + alpha * std * _rng(seed, n).standard_normal(w.shape)
     return out
 
 
@@ -296,10 +327,13 @@ ABLATIONS: dict[str, Ablation] = {
         lambda s, seed, a: gaussian_reinit(s.wk, s.mask, keep_signs=True, seed=seed)
     ),
     "noise": _same_mask(lambda s, seed, a: add_noise(s.wk, s.mask, alpha=a, seed=seed)),
+    "noise_norm_matched": _same_mask(
+        lambda s, seed, a: add_noise_norm_matched(s.wk, s.mask, alpha=a, seed=seed)
+    ),
     "random_reinit": _same_mask(lambda s, seed, a: random_reinit(s.mask, seed=seed)),
     "random_mask": _random_mask,
 }
 """Ablation name -> ``fn(start, *, seed, alpha) -> Ablated``. ``signs_k_mags_k`` is plain
 rewinding to step k, ``signs_0_mags_0`` rewinding to step 0; `alpha` is used by ``noise``
-only; ``random_mask`` keeps the weights at step k under a random mask of equal per-tensor
-sparsity."""
+and ``noise_norm_matched`` only; ``random_mask`` keeps the weights at step k under a random
+mask of equal per-tensor sparsity."""

@@ -19,6 +19,7 @@ import xarray as xr
 from ckpt_tools.analyses.report._chartdata import json_value
 
 __all__ = [
+    "NOISE_KINDS",
     "PERMUTATION_KINDS",
     "SIGN_MAGNITUDE_KINDS",
     "chart_ablation_panel",
@@ -36,6 +37,8 @@ PERMUTATION_KINDS = (
 )
 DISTRIBUTION_KINDS = ("signs_k_mags_k", "gaussian", "gaussian_signs", "random_reinit",
                       "random_mask", "signs_0_mags_0")
+NOISE_KINDS = ("noise", "noise_norm_matched")  # drawn against alpha; as ablate.NOISE_KINDS
+_NOISE_LABELS = {"noise": "", "noise_norm_matched": ", norm-matched"}
 WIDTH, HEIGHT = 320, 220
 ACCURACY = alt.Scale(zero=False)
 
@@ -140,11 +143,12 @@ def chart_ablation_panel(
 
 
 def chart_noise(summary: xr.Dataset, *, references: xr.Dataset | None = None) -> alt.Chart:
-    """Test accuracy vs noise scale alpha, one line per (rewind step, level).
+    """Test accuracy vs noise scale alpha, one line per (noise kind, rewind step, level).
 
     Args:
-        summary: `ablation_summary` reduced over seeds; the ``noise_alpha_<a>``
-            conditions are drawn at their alpha and ``signs_k_mags_k`` (no noise) at 0.
+        summary: `ablation_summary` reduced over seeds; the `NOISE_KINDS` conditions
+            (``noise_alpha_<a>``, ``noise_norm_matched_alpha_<a>``) are drawn at their
+            alpha and ``signs_k_mags_k`` (no noise) at 0, the start of every line.
         references: The IMP summary reduced over seeds: where ``signs_k_mags_k`` was not
             run, IMP rewound to k at the same level (the same network) is drawn at 0.
     """
@@ -162,10 +166,20 @@ def chart_noise(summary: xr.Dataset, *, references: xr.Dataset | None = None) ->
                 if np.isfinite(stats["mean"]):
                     rows.append({"kind": "IMP (rewinding)", "rewind_step": k, "level": level,
                                  "alpha": 0.0, **stats})
-    for row in rows:
-        row["run"] = f"rewind {row['rewind_step']}, level {row['level']}"
+    noisy = [{**r, "noise": _noise_kind(r["kind"])} for r in rows if r["alpha"] != 0.0]
+    kinds = sorted({r["noise"] for r in noisy}) or ["noise"]
+    lines = noisy + [{**r, "noise": n} for r in rows if r["alpha"] == 0.0 for n in kinds]
+    for row in lines:  # one line per noise kind, each starting from the same alpha = 0
+        row["run"] = (f"rewind {row['rewind_step']}, level {row['level']}"
+                      + _NOISE_LABELS[row["noise"]])
     x = alt.X("alpha:Q", title="noise scale alpha (layer standard deviations)")
-    return _points(rows, x, "run", "Gaussian noise added at step k", "test accuracy")
+    return _points(lines, x, "run", "Gaussian noise added at step k", "test accuracy")
+
+
+def _noise_kind(condition: str) -> str:
+    """The noise kind of a condition label (``noise_norm_matched_alpha_1`` -> its kind)."""
+    return next(k for k in sorted(NOISE_KINDS, key=len, reverse=True)
+                if condition == k or condition.startswith(f"{k}_alpha_"))
 
 
 def chart_pretraining(summary: xr.Dataset, *, references: xr.Dataset | None = None) -> alt.Chart:
@@ -218,7 +232,8 @@ def figures(ablations: xr.Dataset | None, pretraining: xr.Dataset | None,
             if set(kinds[1:]) & set(ablations.kind.values):
                 out[name] = chart_ablation_panel(ablations, kinds, title=title,
                                                  dense_accuracy=dense, references=imp)
-        if any(str(k).startswith("noise_alpha_") for k in ablations.kind.values):
+        if any(str(k).startswith(tuple(f"{n}_alpha_" for n in NOISE_KINDS))
+               for k in ablations.kind.values):
             out["noise"] = chart_noise(ablations, references=imp)
     if pretraining is not None and np.isfinite(pretraining["test_accuracy"].values).any():
         out["pretraining"] = chart_pretraining(pretraining, references=imp)
