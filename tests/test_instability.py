@@ -3,6 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from eval_reference import loss_and_accuracy, reference_eval, split_logits, stored_state
 from torch import nn
 from typer.testing import CliRunner
 
@@ -19,7 +20,7 @@ from ckpt_tools.analyses.experiments.instability import (
     run_instability,
 )
 from ckpt_tools.analyses.experiments.presets import PRESETS
-from ckpt_tools.analyses.experiments.pruning import dense_config, final_eval
+from ckpt_tools.analyses.experiments.pruning import dense_config
 from ckpt_tools.cli.app import app
 
 SMOKE = PRESETS["smoke"].instability
@@ -62,9 +63,32 @@ def test_path_between_identical_states_is_flat(tiny_run):
     state = load_state_dict(tiny_run, config.steps)
     m = path_metrics(config, state, state, [0.0, 0.5, 1.0], bn="interpolate")
     assert np.ptp(m["test_error"]) == 0 and error_barrier(m["test_error"]) == 0
-    # the stored network evaluates as it did during training
-    acc = open_history(tiny_run)["test_accuracy"].values[-1]
-    assert m["test_error"][0] == pytest.approx(1 - acc)
+    loss, acc = reference_eval(tiny_run, config.steps)  # the stored network, evaluated apart
+    assert m["test_error"][0] == pytest.approx(1 - acc, abs=1e-12)
+    assert m["test_loss"][0] == pytest.approx(loss, rel=1e-5)
+
+
+def test_barrier_of_a_path_whose_errors_are_known(tiny_run):
+    # b is a with its output layer negated. Along the line the logits are (1 - 2 alpha)
+    # times a's: a's predictions before the middle, all logits 0 at it (every example
+    # taken for class 0, loss ln 10), a's least likely class after it.
+    config = dense_config(tiny_run)
+    a = stored_state(tiny_run, config.steps)
+    b = {**a, "fc.weight": -a["fc.weight"], "fc.bias": -a["fc.bias"]}
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    m = path_metrics(config, a, b, alphas, bn="interpolate")
+    logits, labels = split_logits(tiny_run, config.steps)
+    want = np.array([loss_and_accuracy((1 - 2 * alpha) * logits, labels) for alpha in alphas])
+    error = 1 - want[:, 1]
+    assert error[2] == pytest.approx(float((labels != 0).double().mean()), abs=1e-12)
+    assert want[2, 0] == pytest.approx(np.log(10), rel=1e-12)
+    assert error[3] == error[4] == pytest.approx(
+        float((logits.argmin(1) != labels).double().mean()), abs=1e-12)
+    np.testing.assert_allclose(m["test_error"], error, atol=1e-12)
+    np.testing.assert_allclose(m["test_loss"], want[:, 0], rtol=1e-5)
+    barrier = error.max() - (error[0] + error[-1]) / 2
+    assert barrier > 0.2  # a trained net's least likely class is nearly always wrong
+    assert error_barrier(m["test_error"]) == pytest.approx(barrier, abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +105,10 @@ def test_cli_result_holds_the_barrier_of_every_rewind_step(smoke):
     result = read_instability(smoke)
     assert list(result.rewind_step.values) == list(SMOKE.rewind_steps)
     assert result.sizes["alpha"] == SMOKE.points and result.sizes["pair"] == 1
-    np.testing.assert_allclose(result.barrier.values, error_barrier(result.test_error.values))
-    assert np.all(result.barrier.values >= 0)
+    error = result.test_error
+    by_hand = error.max("alpha") - (error.isel(alpha=0) + error.isel(alpha=-1)) / 2
+    np.testing.assert_allclose(result.barrier.values, by_hand.values, atol=1e-12)
+    np.testing.assert_allclose(result.alpha.values, np.linspace(0, 1, SMOKE.points))
     assert (int(result.seed_a[0]), int(result.seed_b[0])) == SMOKE.seeds
 
 
@@ -103,8 +129,8 @@ def test_copies_start_at_k_and_differ_by_data_order(smoke):
                 for s in SMOKE.seeds)
         ends = path_metrics(config, a, b, [0.0, 1.0], bn="interpolate")["test_error"]
         for end, seed in zip(ends, SMOKE.seeds, strict=True):
-            acc = final_eval(smoke, copy_group(PREFIX, k, seed))["test_accuracy"]
-            assert end == pytest.approx(1 - acc)
+            _, acc = reference_eval(smoke, config.steps, copy_group(PREFIX, k, seed))
+            assert end == pytest.approx(1 - acc, abs=1e-12)
 
 
 def test_new_rewind_steps_merge_into_the_stored_result(smoke):
