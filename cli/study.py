@@ -30,11 +30,15 @@ def study(
         help="Folder of the study: its store is RUN_DIR/study.zarr, beside the report "
         "and the summary.")],
     size: Annotated[Size, typer.Option(
-        help="smoke: minutes on the embedded digits; fashion-mnist: about two hours on "
-        "2 CPU cores; gpu and cifar10: for one GPU.")] = Size.smoke,
+        help="smoke: under a minute on the embedded digits; fashion-mnist: about two "
+        "hours on 2 CPU cores; gpu and cifar10: for one GPU.")] = Size.smoke,
     device: Annotated[Device, typer.Option(help="Device of the recorded run.")] = Device.cpu,
     data_root: Annotated[Path | None, typer.Option(
         help="Folder holding the dataset files (CIFAR-10).")] = None,
+    pilot_threshold: Annotated[float | None, typer.Option(
+        help="Stop after the pilot when its error barrier at k = 0 is below this fraction "
+        "of test error (default: the size's, 0.01; smoke: 0). Recorded in the "
+        "summary.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the commands only.")] = False,
     summary_only: Annotated[bool, typer.Option(
         help="Only summarise the stored results again.")] = False,
@@ -43,5 +47,6 @@ def study(
     from ckpt_tools.analyses.experiments.study import run_study
 
     run_study(run_dir, size.value, device=device.value,
-              data_root=str(data_root) if data_root else None, dry_run=dry_run,
+              data_root=str(data_root) if data_root else None,
+              pilot_threshold=pilot_threshold, dry_run=dry_run,
               summary_only=summary_only, echo=lambda line: typer.echo(line))
