@@ -378,3 +378,61 @@ def test_an_unfinished_dense_run_is_trained_to_the_end_first(tmp_path):
     got = read_mask(store, 5, 1, 0)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+# -- the output layer and the reported sparsity ---------------------------------------------
+def _prunable_slices(config) -> list[slice]:
+    """Where the conv and linear weights sit in the flat param row, from the model itself."""
+    model = ckpt_tools.models.build(config.model, num_classes=10, in_channels=1, image_size=8,
+                                    width=config.width)
+    weights = {f"{name}.weight" for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Conv2d | torch.nn.Linear)}
+    out, offset = [], 0
+    for name, p in model.named_parameters():
+        if name in weights:
+            out.append(slice(offset, offset + p.numel()))
+        offset += p.numel()
+    return out
+
+
+def test_reported_sparsity_is_the_count_on_the_stored_masks(tiny_copy):
+    import xarray as xr
+
+    summary = run_imp(tiny_copy, ImpSettings(levels=2, rewind_steps=(0,), seeds=(0,),
+                                             fraction=0.75, schedule="0:41:40"))
+    masks = xr.open_zarr(tiny_copy, group="experiments/imp/rewind_0/seed_0/masks",
+                         consolidated=False)["mask"].values  # (level, param), read directly
+    where = _prunable_slices(imp.dense_config(tiny_copy))
+    total = sum(s.stop - s.start for s in where)
+    alive = total  # the convnet prunes its output layer: every prunable weight is a candidate
+    for level in (1, 2):
+        alive -= math.ceil(0.75 * alive)
+        kept = sum(int(masks[level, s].sum()) for s in where)
+        assert kept == alive
+        assert float(summary.remaining.sel(rewind_step=0, level=level, seed=0)) == kept / total
+    # two levels of 75%: 6.25% of the weights, to the rounding of two ceil()s
+    assert abs(kept / total - 0.0625) < 2 / total
+
+
+@pytest.mark.parametrize(("model", "excluded"), [("resnet20", False), ("convnet", False),
+                                                 ("vgg16", True), ("lenet300", True)])
+def test_output_layer_default_follows_open_lth_per_family(model, excluded):
+    assert imp.output_excluded(model) is excluded
+
+
+def test_lenet_leaves_its_output_layer_and_the_flags_override(tmp_path):
+    store = tmp_path / "lenet.zarr"
+    config = ckpt_tools.train.TrainConfig(model="lenet300", dataset="digits", width=16, steps=6,
+                                          batch_size=32, schedule="0:7:3", eval_schedule="6")
+    ckpt_tools.train.train(config, store)
+    settings = ImpSettings(levels=1, rewind_steps=(0,), seeds=(0,), fraction=0.5,
+                           schedule="0:7:6")
+    run_imp(store, settings)
+    mask = read_mask(store, 0, 1, 0)
+    assert mask["fc.weight"].all()  # the family default: open_lth's LeNet ignores fc.weight
+    assert not all(mask[s.name].all() for s in param_table(store) if s.prunable)
+    # the same lineage with the output layer pruned is refused, naming the flag
+    with pytest.raises(StoreError, match="--include-output"):
+        run_imp(store, replace(settings, exclude_output=False))
+    run_imp(store, replace(settings, exclude_output=False, rewind_steps=(3,)))
+    assert not read_mask(store, 3, 1, 0)["fc.weight"].all()

@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from ckpt_tools import batches, load_state_dict, open_history
 from ckpt_tools.analyses.experiments import pretext
-from ckpt_tools.analyses.experiments.pretrain import pretrain_config, read_pretrain_summary
+from ckpt_tools.analyses.experiments.pretrain import (
+    PretrainSettings,
+    pretrain_config,
+    read_pretrain_summary,
+    run_pretrain,
+)
 from ckpt_tools.analyses.experiments.pruning import (
     dense_config,
     final_eval,
@@ -182,8 +187,9 @@ def test_pretrain_config_keeps_the_learning_rate_of_each_update(total, steps):
 N = 5  # pre-training updates (the smoke preset)
 
 
-def _group(task: str, part: str) -> str:
-    return f"experiments/pretrain/{task}/steps_{N}/seed_0/{part}"
+def _group(task: str, part: str, mode: str = "from-n") -> str:
+    where = "from_n/" if part != "pretrain" and mode == "from-n" else ""
+    return f"experiments/pretrain/{task}/steps_{N}/seed_0/{where}{part}"
 
 
 def test_pretrain_rotation_cli_then_imp_from_the_pretrained_weights(tiny_copy):
@@ -198,14 +204,15 @@ def test_pretrain_rotation_cli_then_imp_from_the_pretrained_weights(tiny_copy):
     assert head[0].shape[0] == 4  # a 4-way rotation head
     step_0 = load_state_dict(tiny_copy, 0)
     pretrained = load_state_dict(tiny_copy, N, group=_group("rotation", "pretrain"))
-    start = load_state_dict(tiny_copy, 0, group=_group("rotation", "level_0"))
+    # the real task starts at step N (the default, as open_lth)
+    start = load_state_dict(tiny_copy, N, group=_group("rotation", "level_0"))
     for name, value in start.items():
         expected = step_0[name] if name.startswith("fc.") else pretrained[name]
         assert torch.equal(value, expected), name  # real head: the run's own at step 0
     assert not torch.equal(start["features.0.weight"], step_0["features.0.weight"])
     # level 1 rewinds to the pre-trained weights under its mask
     mask = read_mask_from(tiny_copy, _group("rotation", "masks"), 1)
-    level_1 = load_state_dict(tiny_copy, 0, group=_group("rotation", "level_1"))
+    level_1 = load_state_dict(tiny_copy, N, group=_group("rotation", "level_1"))
     for name in mask:
         np.testing.assert_array_equal(
             level_1[name].numpy(), np.where(mask[name], start[name].numpy(), 0)
@@ -243,8 +250,9 @@ def test_sparse_pretraining_keeps_the_mask(tiny_copy):
             pruned = ~mask[spec.name].reshape(-1)
             assert np.all(params[:, spec.offset : spec.stop][:, pruned] == 0)
     pretrained = load_state_dict(tiny_copy, N, group=_group(label, "pretrain"))
-    start = load_state_dict(tiny_copy, 0, group=_group(label, "level_1"))
+    start = load_state_dict(tiny_copy, N, group=_group(label, "level_1"))
     assert all(torch.equal(start[n], pretrained[n]) for n in start)
+    assert open_history(tiny_copy, _group(label, "level_1")).step.values[0] == N
     summary = read_pretrain_summary(tiny_copy)
     assert float(summary.test_accuracy.sel(task=label, pretrain_steps=N, level=1, seed=0)) > 0
 
@@ -258,4 +266,41 @@ def test_pretrain_errors_are_one_line(tiny_copy):
     result = CliRunner().invoke(app, ["pretrain", str(tiny_copy), "--task", "subset",
                                       "--steps", "3", "--subset-fraction", "1.5"])
     assert result.exit_code == 2 and "fraction" in result.output
+    result = CliRunner().invoke(app, ["pretrain", str(tiny_copy), "--task", "blur",
+                                      "--steps", "40"])  # from-n needs N < T = 40
+    assert result.exit_code == 2 and "--real-task full" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert "experiments" not in {p.name for p in tiny_copy.iterdir()}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_real_task_updates_in_each_mode(tiny_copy):
+    """from-n trains updates N+1..T after pre-training, full all T; counted as they run."""
+    config = dense_config(tiny_copy)
+    steps: dict[str, list[int]] = {}
+    current: list[str] = []
+
+    def on_run(group, seed):
+        current.append(group)
+        steps.setdefault(group, [])
+
+    for mode, first in (("from-n", N), ("full", 0)):
+        settings = PretrainSettings(task="blur", steps=N, levels=1, seeds=(0,),
+                                    schedule="0:41:10", real_task=mode)
+        summary = run_pretrain(tiny_copy, settings, on_run=on_run,
+                               on_step=lambda step, loss: steps[current[-1]].append(step))
+        label = "blur_x4" if mode == "from-n" else "blur_x4_full"
+        assert str(summary.real_task.sel(task=label).item()) == mode
+        for level in (0, 1):
+            group = _group("blur_x4", f"level_{level}", mode)
+            # the updates the loop applied, one by one
+            assert steps[group] == list(range(first + 1, config.steps + 1))
+            recorded = open_history(tiny_copy, group).step.values
+            assert recorded[0] == first and recorded[-1] == config.steps
+            updates = summary.real_task_updates.sel(task=label, pretrain_steps=N, seed=0,
+                                                    level=level)
+            assert int(updates) == len(steps[group]) == config.steps - first
+    # the pre-training run is shared: trained once (by the first mode), N updates
+    assert steps[_group("blur_x4", "pretrain")] == list(range(1, N + 1))
+    pre = summary.pretext_accuracy.sel(pretrain_steps=N, seed=0)
+    assert float(pre.sel(task="blur_x4")) == float(pre.sel(task="blur_x4_full"))

@@ -29,8 +29,10 @@ COMMANDS = [
     ["imp", "--levels", "1", "--rewind", "2", "--seeds", "0", "--schedule", "0:13:5", "--quiet"],
     ["ablate", "--rewind", "2", "--kind", "signs_k_mags_init", "--schedule", "0:13:5",
      "--quiet"],
+    # --real-task full: the only mode when the reference was recorded (the default is now
+    # from-n, which trains other updates)
     ["pretrain", "--task", "rotation", "--steps", "4", "--levels", "1", "--seeds", "0",
-     "--schedule", "0:13:5", "--quiet"],
+     "--real-task", "full", "--schedule", "0:13:5", "--quiet"],
     ["instability", "--rewind", "2", "--seeds", "1,2", "--points", "3", "--bn-batches", "1",
      "--schedule", "0:13:5", "--quiet"],
 ]

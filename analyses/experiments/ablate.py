@@ -48,6 +48,7 @@ from ckpt_tools.analyses.experiments.pruning import (
     mask_group,
     param_table,
     read_mask,
+    remaining_fraction,
     train_sparse,
 )
 from ckpt_tools.store import (
@@ -234,23 +235,22 @@ def run_ablations(
             if on_run is not None:
                 on_run(condition, seed)
             _train_one(store, retrain, settings, start, kind, alpha, condition, level, seed,
-                       state_k, on_step)
+                       state_k, specs, on_step)
     summary = ablation_summary(store)
     write_result(store, SUMMARY, summary)
     return summary
 
 
 def _train_one(store, config, settings, start, kind, alpha, condition, level, seed, state_k,
-               on_step) -> TrainResult:
+               specs, on_step) -> TrainResult:
     ablated = ABLATIONS[kind](start, seed=seed, alpha=1.0 if alpha is None else alpha)
     init = dict(state_k)
     init.update({n: torch.from_numpy(np.ascontiguousarray(w)) for n, w in ablated.weights.items()})
-    kept = sum(int(m.sum()) for m in ablated.mask.values())
-    total = sum(m.size for m in ablated.mask.values())
     attrs = {
         "kind": "ablation", "ablation": kind, "alpha": alpha, "condition": condition,
         "rewind_step": settings.rewind, "level": level, "seed": seed,
-        "mask_group": mask_group(settings.rewind, seed, store=store), "remaining": kept / total,
+        "mask_group": mask_group(settings.rewind, seed, store=store),
+        "remaining": remaining_fraction(ablated.mask, specs),
     }
     return train_sparse(
         store, config, group=ablation_group(condition, settings.rewind, level, seed),

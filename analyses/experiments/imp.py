@@ -42,14 +42,18 @@ from ckpt_tools.analyses.experiments.pruning import (
     dense_source,
     history_complete,
     level_group,
+    mask_from_row,
     mask_group,
+    output_weight,
     param_table,
+    pruning_exclusions,
+    remaining_fraction,
     train_sparse,
 )
 from ckpt_tools.store import StoreError, last_evaluations, read_result, write_result
 from ckpt_tools.store import masks as mask_store
 from ckpt_tools.tensors import TensorSpec
-from ckpt_tools.train import TrainResult
+from ckpt_tools.train import TrainConfig, TrainResult
 
 __all__ = [
     "EXPERIMENT",
@@ -74,7 +78,9 @@ class ImpSettings:
             run's own order seed (the retraining sees the batches the dense run saw).
         fraction: Fraction of the surviving prunable weights pruned per level.
         scope: ``"global"`` (one magnitude threshold across layers) or ``"layer"``.
-        exclude_output: Never prune the output layer's weights (open_lth's ResNet default).
+        exclude_output: True: never prune the output layer's weight; False: prune it with
+            the others; None: the model family's default, as open_lth (ResNets and the
+            convnet prune it, VGGs and LeNet do not; `pruning.output_excluded`).
         schedule: Checkpoint schedule text of each level (clipped to k..end); None: 21
             evenly spaced steps.
         eval_schedule: Test-set evaluations of each level; None: the dense run's.
@@ -91,9 +97,10 @@ class ImpSettings:
         0.2, help="Fraction of the surviving weights pruned per level (default 0.2).")
     scope: Scope = setting(
         "global", help="global: one threshold across layers; layer: the same fraction per layer.")
-    exclude_output: bool = setting(
-        False, flag="--exclude-output/--include-output",
-        help="Never prune the output layer (default: include it).")
+    exclude_output: bool | None = setting(
+        None, flag="--exclude-output/--include-output",
+        help="Leave the output layer unpruned, or prune it (default: the model family's, "
+        "as open_lth: ResNets and convnet prune it, VGG and LeNet do not).")
     schedule: str | None = setting(
         None, help="Checkpoint schedule of each level, clipped to k..end (default: 21 evenly "
         "spaced steps).")
@@ -118,22 +125,8 @@ class ImpSettings:
             object.__setattr__(self, "seeds", tuple(dict.fromkeys(self.seeds)))
 
 
-def output_weight(specs: Sequence[TensorSpec]) -> str:
-    """Name of the output layer's weight.
-
-    ``fc.weight`` for the built-in models, else the last prunable 2-D parameter.
-    """
-    names = [s.name for s in specs if s.prunable]
-    if "fc.weight" in names:
-        return "fc.weight"
-    linear = [s.name for s in specs if s.prunable and len(s.shape) == 2]
-    if not linear:
-        raise StoreError("no linear output layer among the prunable parameters")
-    return linear[-1]
-
-
-def _pruning(settings: ImpSettings, specs: Sequence[TensorSpec]) -> dict:
-    exclude = [output_weight(specs)] if settings.exclude_output else []
+def _pruning(settings: ImpSettings, config: TrainConfig, specs: Sequence[TensorSpec]) -> dict:
+    exclude = pruning_exclusions(settings.exclude_output, config, specs)
     return {"fraction": settings.fraction, "scope": settings.scope, "exclude": exclude}
 
 
@@ -165,7 +158,7 @@ def run_imp(
     config = dense_config(store)
     check_rewind_steps(store, settings.rewind_steps, config)
     specs = param_table(store)
-    pruning = _pruning(settings, specs)
+    pruning = _pruning(settings, config, specs)
     seeds = settings.seeds or (config.order_seed,)
     stored = {}
     for k in settings.rewind_steps:
@@ -176,8 +169,9 @@ def run_imp(
                 raise StoreError(
                     f"IMP lineage rewind {k}, seed {seed} in {store} was pruned with "
                     f"fraction {found.settings.get('fraction')}, scope "
-                    f"{found.settings.get('scope')}, exclude {found.settings.get('exclude')}; "
-                    "use those settings or another store"
+                    f"{found.settings.get('scope')}, exclude {found.settings.get('exclude')} "
+                    f"(now {pruning['exclude']}); use those settings (--exclude-output or "
+                    "--include-output for the output layer) or another store"
                 )
     config, dense_group = dense_source(store, on_step=on_step)
     how = Pruning(settings.fraction, settings.scope, tuple(pruning["exclude"]))
@@ -230,8 +224,9 @@ def imp_summary(store: str | Path) -> xr.Dataset:
 
     Returns:
         A Dataset with dimensions ``(rewind_step, level, seed)`` holding ``remaining``
-        (fraction of the prunable weights that survive; an output layer left out of
-        pruning counts as surviving), ``sparsity`` (1 - remaining), ``test_accuracy``
+        (`remaining_fraction`: the fraction of all prunable weights, the output layer
+        included, that the level's mask keeps; an output layer left out of pruning
+        counts as kept), ``sparsity`` (1 - remaining), ``test_accuracy``
         and ``test_loss`` (last evaluation of the level, fraction and nats). Level 0 is
         the dense run, repeated for every rewind step and seed; levels not (yet) pruned
         or trained are NaN. Attributes: ``dense_test_accuracy``, ``dense_group``.
@@ -253,12 +248,9 @@ def imp_summary(store: str | Path) -> xr.Dataset:
     evaluations = last_evaluations(store, [*([dense_group] if dense_group else []),
                                            *levels.values()])
     dense = evaluations.get(dense_group, {})
-    prunable = np.zeros(sum(s.size for s in param_table(store)), bool)
-    for spec in param_table(store):
-        prunable[spec.offset : spec.stop] = spec.prunable
     for (k, seed), ms in masks.items():
         i, j = rewinds.index(k), seeds.index(seed)
-        kept = ms.masks[:, prunable].mean(axis=1)
+        kept = [remaining_fraction(mask_from_row(row, ms.params), ms.params) for row in ms.masks]
         values["remaining"][i, : len(ms.written), j] = np.where(ms.written, kept, np.nan)
         for level in range(n_levels):
             source = dense if level == 0 else evaluations.get(levels.get((k, level, seed)), None)

@@ -10,7 +10,10 @@ The pieces every sparse experiment (IMP levels, ablations, pre-training) shares:
   and their values after every optimizer update, so momentum and weight decay never
   move them); a group already complete is not trained again, a half-written one
   continues from its resume point (or is trained again when it has none);
-- `dense_source`: the recorded dense run's config and the group holding its final weights.
+- `dense_source`: the recorded dense run's config and the group holding its final weights;
+- `output_excluded` / `pruning_exclusions`: whether the output layer is pruned, by model
+  family (open_lth's defaults) unless the settings say; `remaining_fraction`: the
+  reported sparsity, counted on the masks.
 
 Store layout of an IMP lineage (see ``docs/experiments.md``)::
 
@@ -60,9 +63,13 @@ __all__ = [
     "mask_from_row",
     "mask_group",
     "mask_to_row",
+    "output_excluded",
+    "output_weight",
     "param_table",
     "prune",
+    "pruning_exclusions",
     "read_mask",
+    "remaining_fraction",
     "stored_steps",
     "train_sparse",
     "write_mask",
@@ -173,6 +180,80 @@ def _numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+# -- the output layer, and how much a mask keeps --------------------------------------------
+# Model families whose output layer open_lth leaves unpruned (``pruning_layers_to_ignore =
+# 'fc.weight'`` in their default hyperparameters): its VGGs and its MNIST LeNet. Its CIFAR
+# and ImageNet ResNets prune it. Our convnet (BatchNorm after every conv, global average
+# pooling, a small linear head) is built like the CIFAR ResNets and stands in for them in
+# quick runs, so it prunes it too.
+_OUTPUT_UNPRUNED_FAMILIES = ("vgg", "lenet")
+
+
+def output_excluded(model: str) -> bool:
+    """Whether the model family's default leaves the output layer unpruned (open_lth's).
+
+    Args:
+        model: A built-in model name (``resnet20``, ``vgg16``, ``lenet300``, ``convnet``).
+
+    Returns:
+        True for the VGG and LeNet families; False for ResNets, the convnet, and any
+        other name (open_lth's pruning ignores no layer unless told to).
+    """
+    return model.startswith(_OUTPUT_UNPRUNED_FAMILIES)
+
+
+def output_weight(specs: Sequence[TensorSpec]) -> str:
+    """Name of the output layer's weight.
+
+    ``fc.weight`` for the built-in models, else the last prunable 2-D parameter.
+
+    Raises:
+        StoreError: no prunable 2-D parameter.
+    """
+    names = [s.name for s in specs if s.prunable]
+    if "fc.weight" in names:
+        return "fc.weight"
+    linear = [s.name for s in specs if s.prunable and len(s.shape) == 2]
+    if not linear:
+        raise StoreError("no linear output layer among the prunable parameters")
+    return linear[-1]
+
+
+def pruning_exclusions(
+    exclude_output: bool | None, config: TrainConfig, specs: Sequence[TensorSpec]
+) -> list[str]:
+    """The parameters a lineage never prunes: the output layer's weight, or nothing.
+
+    Args:
+        exclude_output: True: leave the output layer unpruned; False: prune it; None: the
+            family default of ``config.model`` (`output_excluded`).
+        config: The dense run's config.
+        specs: Its parameter table.
+    """
+    if exclude_output is None:
+        exclude_output = output_excluded(config.model)
+    return [output_weight(specs)] if exclude_output else []
+
+
+def remaining_fraction(mask: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> float:
+    """Fraction of the prunable weights a mask keeps: the reported ``remaining``.
+
+    The denominator is every prunable tensor (conv and linear weights), the output layer
+    included whether or not it was pruned, so the number is the network's true density.
+
+    Args:
+        mask: Bool (or 0/1) arrays by parameter name; prunable tensors it does not name
+            count as kept whole.
+        specs: The parameter table.
+    """
+    kept = total = 0
+    for spec in specs:
+        if spec.prunable:
+            total += spec.size
+            kept += int(np.count_nonzero(mask[spec.name])) if spec.name in mask else spec.size
+    return kept / total if total else 1.0
 
 
 # -- masks in the store ---------------------------------------------------------------------
