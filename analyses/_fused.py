@@ -7,8 +7,15 @@ from reading chunks faster than they are reduced. What leaves a task is small: t
 (steps x layers), the traced weights, and the chunk's first and last rows, from which a
 small task per pair of neighbouring chunks adds the step-to-step terms across the
 boundary. Two more small tasks per column of chunks take the weights at the first and
-last recorded step from the first and last chunk (the only chunks read twice). Memory in
-use is a few chunks per worker thread, whatever the history's length.
+last recorded step from the first and last chunk (the only chunks read twice).
+
+The chunks are reduced in windows of consecutive chunk rows, one dask computation per
+window, and each window's last rows carry over to the next: dask orders the tasks of one
+computation as it sees fit, and it does not run a chunk's neighbour soon after it, so in
+a single computation over the whole history the boundary rows waiting for their
+neighbour grew with its length (about half of them at a time: 186 MiB for a 4 GB
+history). A window bounds them (`_WINDOW_BYTES`), and memory in use is a few chunks per
+worker thread plus one window's boundary rows, whatever the history's length.
 
 Each chunk is reduced in its stored, time-major order by one compiled pass
 (`ckpt_tools.analyses._kernel`, numba, without the GIL, so dask's threads use every
@@ -63,6 +70,7 @@ class LayerSums:
 _ROW_SUMS = ("abs", "sq", "init_dot", "final_dot", "init_sq", "final_sq", "init_flips")
 _STEP_SUMS = ("step_sq", "step_flips")
 _FLOAT_SUMS = ("abs", "sq", "init_dot", "final_dot", "init_sq", "final_sq", "step_sq")
+_WINDOW_BYTES = 64 << 20  # boundary rows (two float32 rows per chunk) one window may hold
 
 
 def _segments(bounds: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +100,10 @@ def _time_major(x: np.ndarray) -> np.ndarray:
 
 
 def _block(chunk, w0, wf, cuts, trace_cols, device):
-    """All sums of one chunk (k steps, c params); `w0`/`wf` are its columns' slices."""
+    """All sums of one chunk (k steps, c params), its first row and its last row.
+
+    `w0`/`wf` are the chunk's columns of the weights at the first and last step.
+    """
     x = chunk()
     xt = _time_major(x)
     if device is None:
@@ -106,7 +117,7 @@ def _block(chunk, w0, wf, cuts, trace_cols, device):
         sums["step_sq"] = floats[_FLOAT_SUMS.index("step_sq"), 1:]
         sums["step_flips"] = counts[1, 1:].astype(np.float64)
     sums["traces"] = np.array(xt[trace_cols].T, dtype=np.float32)
-    return sums, edges
+    return sums, *edges
 
 
 def _kernel_sums(xt, w0, wf, cuts):
@@ -150,9 +161,9 @@ def _torch_sums(xt, w0, wf, cuts, device):
     return floats.cpu().numpy(), counts.cpu().numpy()
 
 
-def _boundary(before, after, cuts):
-    """Step-to-step sums between the last row of one chunk and the first of the next."""
-    pair = np.stack([before[1], after[0]], axis=1)  # (columns, 2): time-major
+def _boundary(last, first, cuts):
+    """Step-to-step sums between the `last` row of one chunk and the `first` of the next."""
+    pair = np.stack([last, first], axis=1)  # (columns, 2): time-major
     floats, counts, _ = _kernel_sums(pair, pair[:, 0], pair[:, 1], cuts)
     return floats[_FLOAT_SUMS.index("step_sq"), 1], counts[1, 1].astype(np.float64)
 
@@ -162,7 +173,12 @@ def _row(chunk, i):
 
 
 def layer_sums(
-    params: da.Array, bounds: np.ndarray, trace_index: np.ndarray, *, device: str | None = None
+    params: da.Array,
+    bounds: np.ndarray,
+    trace_index: np.ndarray,
+    *,
+    device: str | None = None,
+    window: int | None = None,
 ) -> LayerSums:
     """Compute every per-layer sum of a history in one pass over `params`.
 
@@ -172,6 +188,8 @@ def layer_sums(
         trace_index: sorted (trace,) int indices along param of the weights to trace.
         device: None for the compiled CPU kernel; else a torch device (``"cuda"``)
             that reduces each chunk after the CPU decoded it.
+        window: Chunk rows per dask computation (default: as many as keep their
+            boundary rows within `_WINDOW_BYTES`, at least one).
 
     Returns:
         The sums; runs on the current dask scheduler (threads, or a distributed client).
@@ -184,35 +202,54 @@ def layer_sums(
     layouts = [_segments(bounds, cols[j], cols[j + 1]) for j in range(ncols)]
     traces = [trace_index[(trace_index >= cols[j]) & (trace_index < cols[j + 1])] - cols[j]
               for j in range(ncols)]
-    firsts = [delayed(_row)(blocks[0, j], 0) for j in range(ncols)]
-    lasts = [delayed(_row)(blocks[-1, j], -1) for j in range(ncols)]
-    parts, edges, joins = {}, {}, {}
-    for i in range(nb):
-        for j in range(ncols):
-            out = delayed(_block, nout=2)(blocks[i, j], firsts[j], lasts[j], layouts[j][0],
-                                          traces[j], device)
-            parts[i, j], edges[i, j] = out[0], out[1]
-            if i:
-                joins[i, j] = delayed(_boundary)(edges[i - 1, j], edges[i, j], layouts[j][0])
-    parts, joins = dask.compute(parts, joins)
-
+    at = np.cumsum([0, *map(len, traces)])  # where each column's traces go in the result
     acc = {name: np.zeros((n_steps, n_layers)) for name in (*_ROW_SUMS, *_STEP_SUMS)}
     for name in _STEP_SUMS:
         acc[name][0] = np.nan
-    for (i, j), sums in parts.items():
-        layers = layouts[j][1]
-        r0, r1 = rows[i], rows[i + 1]
-        for name in _ROW_SUMS:
-            acc[name][r0:r1, layers] += sums[name]
-        for name in _STEP_SUMS:
-            if name in sums:
-                acc[name][r0 + 1:r1, layers] += sums[name]
-    for (i, j), (sq, flips) in joins.items():
-        layers = layouts[j][1]
-        acc["step_sq"][rows[i], layers] += sq
-        acc["step_flips"][rows[i], layers] += flips
-    traced = np.concatenate(
-        [np.concatenate([parts[i, j]["traces"] for j in range(ncols)], axis=1)
-         for i in range(nb)], axis=0,
-    ) if nb else np.zeros((0, len(trace_index)), np.float32)
+    traced = np.zeros((n_steps, len(trace_index)), np.float32)
+    if nb == 0:
+        return LayerSums(**acc, traces=traced)
+    w0, wf = dask.compute([delayed(_row)(blocks[0, j], 0) for j in range(ncols)],
+                          [delayed(_row)(blocks[-1, j], -1) for j in range(ncols)])
+    size = window or max(1, _WINDOW_BYTES // (8 * max(params.shape[1], 1)))
+    carry = None  # the last row of each column of chunks before the window
+    for lo in range(0, nb, size):
+        hi = min(lo + size, nb)
+        graph = _window(blocks[lo:hi], w0, wf, [cut for cut, _ in layouts], traces, device,
+                        carry)
+        parts, joins, carry = dask.compute(*graph)
+        for (i, j), sums in parts.items():
+            layers, r0, r1 = layouts[j][1], rows[lo + i], rows[lo + i + 1]
+            for name in _ROW_SUMS:
+                acc[name][r0:r1, layers] += sums[name]
+            for name in _STEP_SUMS:
+                if name in sums:
+                    acc[name][r0 + 1:r1, layers] += sums[name]
+            traced[r0:r1, at[j]:at[j + 1]] = sums["traces"]
+        for (i, j), (sq, flips) in joins.items():
+            layers = layouts[j][1]
+            acc["step_sq"][rows[lo + i], layers] += sq
+            acc["step_flips"][rows[lo + i], layers] += flips
     return LayerSums(**acc, traces=traced)
+
+
+def _window(blocks, w0, wf, cuts, traces, device, carry):
+    """The tasks of one window of chunk rows `blocks` (rows counted from the window's).
+
+    Returns delayed ``parts`` (sums per chunk), ``joins`` (boundary sums before each
+    chunk row but the history's first) and each column's last row, carried to the next
+    window; `carry` holds the previous window's (None for the first window).
+    """
+    nb, ncols = blocks.shape
+    w0 = [delayed(w) for w in w0]  # one key per window, not a copy in every task
+    wf = [delayed(w) for w in wf]
+    last = [None] * ncols if carry is None else [delayed(row) for row in carry]
+    parts, joins = {}, {}
+    for i in range(nb):
+        for j in range(ncols):
+            parts[i, j], first, end = delayed(_block, nout=3)(
+                blocks[i, j], w0[j], wf[j], cuts[j], traces[j], device)
+            if last[j] is not None:
+                joins[i, j] = delayed(_boundary)(last[j], first, cuts[j])
+            last[j] = end
+    return parts, joins, last

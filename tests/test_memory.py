@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ckpt_tools.synthetic import write_synthetic_history
+from ckpt_tools.synthetic import synthetic_specs, write_synthetic_history
 
 BUDGET = 80 << 20  # bytes of peak RSS growth allowed while computing the telemetry
 HISTORY = 4 * BUDGET  # raw float32 bytes of the synthetic history
@@ -40,6 +40,48 @@ def test_peak_memory_stays_within_budget(tmp_path):
     assert m["steps"] == n_steps
     assert m["raw"] >= 4 * BUDGET
     assert m["after"] - m["before"] < BUDGET, m
+
+
+def test_memory_held_per_chunk_does_not_grow_with_the_history(tmp_path):
+    # The fused pass over 16 and 64 rows of chunks (one column of 16 steps x 16,448
+    # weights each; boundary rows: 131 kB per chunk), traced by tracemalloc on dask's
+    # synchronous scheduler, so the order of the tasks and the figures are reproducible.
+    # Reduced in one computation, 57-63% of the chunks' boundary rows waited for their
+    # neighbour's task, so the peak grew by 0.6 boundary rows per extra chunk; in windows
+    # of 4 chunk rows it grows by the results alone (2.3 kB per chunk here).
+    n = 16
+    specs = synthetic_specs(1 << 14, layer_size=1 << 14)
+    path = write_synthetic_history(tmp_path / "h.zarr", n_steps=16 * 4 * n, specs=specs)
+    script = textwrap.dedent(f"""
+        import json, tracemalloc
+        import dask
+        import numpy as np
+        import ckpt_tools
+        from ckpt_tools.analyses import _fused
+
+        params = ckpt_tools.open_history({str(path)!r})["params"]
+        width = params.shape[1]
+        _fused._WINDOW_BYTES = 4 * 8 * width  # windows of 4 chunk rows
+        bounds = np.array([0, {specs[0].stop}, width])
+
+        def peak(rows):
+            x = params.isel(step=slice(0, 16 * rows)).data
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            _fused.layer_sums(x, bounds, np.arange(3))
+            return tracemalloc.get_traced_memory()[1] - base
+
+        with dask.config.set(scheduler="sync"):
+            tracemalloc.start()
+            peak(4)  # first allocations: pooled chunk buffers, compiled kernel
+            print(json.dumps({{"small": peak({n}), "large": peak({4 * n}),
+                               "edges": 8 * width}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=300)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    per_chunk = (m["large"] - m["small"]) / (3 * n)
+    assert per_chunk < 0.1 * m["edges"], m
 
 
 def test_recording_stays_within_its_host_memory_budget(tmp_path):

@@ -120,6 +120,22 @@ def test_any_chunking_gives_the_same_result(tiny_run, result):
         np.testing.assert_array_equal(got["sign_change_fraction"], result["sign_change_fraction"])
 
 
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_windows_of_chunk_rows_give_the_one_pass_result(tiny_run, result, window, monkeypatch):
+    """Reduced a few chunk rows per dask computation, each window's last rows carried to
+    the next for the step-to-step terms, the result is the one of a single computation."""
+    from ckpt_tools.analyses import _fused
+
+    history = ckpt_tools.open_history(tiny_run).chunk(step=4, param=1000)
+    assert history["params"].data.numblocks[0] > 2 * window  # several windows
+    whole = telemetry.compute(history)
+    real = _fused.layer_sums
+    monkeypatch.setattr(telemetry, "layer_sums", lambda *a, **k: real(*a, **k, window=window))
+    got = telemetry.compute(history)
+    xr.testing.assert_identical(got, whole)
+    xr.testing.assert_allclose(got, result, rtol=RTOL)
+
+
 def test_accepts_path_tree_node_and_dataset(tiny_run, result):
     tree = ckpt_tools.open_store(tiny_run)
     for history in (str(tiny_run), tree["train"], ckpt_tools.open_history(tiny_run)):
