@@ -5,6 +5,12 @@ Stores recorded by earlier versions hold IMP and instability groups at the top l
 `locate` finds a group under either, so such stores still read; an experiment continued
 on one adds its new groups under today's paths, and its summaries gather both. Tested on
 a committed store of the older layout (``tests/data/legacy_layout.tar.gz``).
+
+Pre-training groups need no map: earlier versions trained the real task for all T
+updates after pre-training, and ``ckpt pretrain --real-task full`` writes exactly those
+groups (same paths, same ``config.experiment`` attributes), so an older store's
+pre-training runs read as the ``<task>_full`` conditions of the summary and continue
+with ``--real-task full``; the default ``from-n`` runs go under ``from_n/`` beside them.
 """
 
 from __future__ import annotations
