@@ -9,6 +9,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,10 +276,26 @@ def test_analyze_report_info_cli(s3_copy, tiny_copy, tmp_path):
     result = runner.invoke(app, ["report", s3_copy.url, "-o", str(page),
                                  "--storage-options", options])
     assert result.exit_code == 0, result.output
-    assert page.stat().st_size > 10_000
+    charted = _charted(page.read_text())  # the numbers on the page are the S3 store's
+    history, stored = ckpt_tools.open_history(tiny_copy), read_result(s3_copy, "telemetry")
+    loss = charted["accuracy-and-loss-loss"]["train (minibatch)"]
+    np.testing.assert_array_equal(loss["step"], history["step"].values[1:])
+    np.testing.assert_allclose(loss["value"], history["loss"].values[1:], rtol=1e-5)
+    l2 = charted["telemetry-l2-distance"]["to init (step 0)"]
+    np.testing.assert_array_equal(l2["step"], stored["step"].values)
+    np.testing.assert_allclose(l2["value"], stored["l2_to_init"].values, rtol=1e-5, atol=1e-9)
     result = runner.invoke(app, ["info", s3_copy.url, "--json", "--storage-options", options])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["groups"][0]["steps"] == 25
+
+
+def _charted(html: str) -> dict[str, dict[str, dict]]:
+    """The data rows of every chart on a report page: ``{figure: {series: row}}``."""
+    specs = json.loads(re.search(r"var specs = (\{.*?\});\n", html, re.DOTALL).group(1))
+    names = dict(re.findall(r'class="chart" id="(fig-\d+)" data-name="\d+-([^"]+)"', html))
+    return {names[fid]: {row["series"]: row for rows in spec.get("datasets", {}).values()
+                         for row in rows if "series" in row}
+            for fid, spec in specs.items()}
 
 
 @pytest.fixture

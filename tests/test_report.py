@@ -26,6 +26,9 @@ TELEMETRY_FIGURES = {
     "weight-magnitude", "sign-changes", "weight-traces", "gradient-norm", "l2-distance",
     "cosine-similarity", "sign-flips-per-step", "distance-per-step",
 }
+LAYER_FIGURES = {f"{name}-by-layer" for name in (
+    "sign-change-fraction", "mean-abs-weight", "l2-to-init", "l2-to-final", "cosine-to-init",
+    "cosine-to-final", "grad-norm", "sign-flips-per-step", "distance-per-step")}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def test_report_has_every_panel(one_report):
     names = figure_names(one_report)
     assert names["Accuracy and loss"] == {"loss", "accuracy"}
     assert names["Telemetry"] == TELEMETRY_FIGURES
-    assert names["Per layer"]  # one figure per `<name>_by_layer` variable
+    assert names["Per layer"] == LAYER_FIGURES  # one per `<name>_by_layer` variable
 
 
 def test_summary_table_matches_the_store(tiny_run, one_report):
@@ -171,9 +174,9 @@ def test_page_is_self_contained(two_page):
     assert not re.search(r"<script[^>]*\bsrc=", text, re.IGNORECASE)
     assert not re.search(r"""\b(src|href)=["']?(https?:)?//""", text, re.IGNORECASE)
     assert "vegaEmbed" in text and "window.vega" in text
-    n_layer_figures = len(re.findall(r'data-name="[^"]*-by-layer"', text))
-    assert n_layer_figures > 0
-    assert text.count('class="chart"') == 2 + len(TELEMETRY_FIGURES) + n_layer_figures
+    layer_figures = re.findall(r'data-name="\d+-per-layer-([^"]*-by-layer)"', text)
+    assert set(layer_figures) == LAYER_FIGURES and len(layer_figures) == len(LAYER_FIGURES)
+    assert text.count('class="chart"') == 2 + len(TELEMETRY_FIGURES) + len(LAYER_FIGURES)
 
 
 def test_png_and_svg_export(one_report, tmp_path):
