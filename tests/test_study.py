@@ -266,3 +266,24 @@ def test_summary_only_without_a_study_says_so_in_one_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("error: cannot summarise") and len(run.stderr.splitlines()) == 1
     assert not (tmp_path / "none").exists()
+
+
+def test_the_pilot_times_updates_and_counts_what_the_study_trains(study):
+    out, summary, stdout = study
+    timing = summary["pilot"]["timing"]
+    assert json.loads((out / "pilot-timing.json").read_text()) == timing
+    assert timing["updates"] == 50 and "pilot: 50 updates took" in stdout
+    assert timing["seconds_per_update"] == pytest.approx(timing["seconds"] / 50, abs=1e-5)
+    # every update the study trained, counted from the stored histories' first and last steps
+    trained = 0
+    for group in _trained_groups(out / "study.zarr"):
+        steps = _open(out, group)["step"].values
+        trained += int(steps[-1] - steps[0])
+    assert timing["planned_updates"] == trained
+    assert timing["projected_training_hours"] == pytest.approx(
+        trained * timing["seconds_per_update"] / 3600)
+
+
+def _trained_groups(store: Path) -> list[str]:
+    """Groups holding a trained history (a `params` array), the dense run included."""
+    return sorted(str(p.parent.relative_to(store)) for p in store.rglob("params/zarr.json"))

@@ -1,7 +1,9 @@
 """The study of Frankle, Schwab & Morcos (2020), end to end, as a sequence of `ckpt` commands.
 
 `run_study(out, size)` runs every step as one ``ckpt`` command (printed before it runs,
-logged to ``OUT/commands.jsonl``) on one store, ``OUT/study.zarr``:
+logged to ``OUT/commands.jsonl``) on one store, ``OUT/study.zarr``. First, the pilot
+times 50 training updates of the size's run (`time_updates`; ``OUT/pilot-timing.json``, in
+the summary) and prints the study's projected training time. Then:
 
 1. ``ckpt record``: the dense run;
 2. the pilot, ``ckpt instability --rewind 0``: the error barrier between two copies
@@ -51,7 +53,7 @@ from ckpt_tools.store import StoreError
 
 __all__ = [
     "ABLATIONS", "PERMUTATION_RMS", "PRETEXT", "SIZES", "StableRegime", "commands",
-    "pilot_barrier", "run_study",
+    "pilot_barrier", "planned_updates", "run_study", "time_updates",
 ]
 
 SIZES = {
@@ -235,6 +237,72 @@ def pilot_barrier(store: str | Path) -> tuple[float, int]:
     return float(values.mean()), int(values.size)
 
 
+def record_config(size: dict, *, device: str = "cpu", data_root: str | None = None):
+    """The `TrainConfig` of the size's ``ckpt record`` arguments."""
+    from dataclasses import fields
+
+    from ckpt_tools.config import TrainConfig
+
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    values: dict = {"device": device, "data_root": data_root}
+    args = list(size["record"])
+    while args:
+        name = args.pop(0)[2:].replace("-", "_")
+        if name in ("augment",):
+            values[name] = True
+            continue
+        raw = args.pop(0)
+        kind = str(types[name])
+        values[name] = int(raw) if "int" in kind else float(raw) if "float" in kind else raw
+    return TrainConfig(**values)
+
+
+def planned_updates(size: dict) -> int:
+    """Optimizer updates the size trains in all (dense run, copies, IMP, controls)."""
+    cfg = record_config(size)
+    total, seeds = cfg.steps, len(size["seeds"].split(","))
+    pairs = len(size["instability_seeds"].split(","))
+    total += sum(pairs * (cfg.steps - k) for k in size["rewinds"])
+    total += size["levels"] * seeds * sum(cfg.steps - k for k in size["rewinds"])
+    total += size["levels"] * seeds * cfg.steps  # random re-initialisation
+    if "ablations" in size:
+        abl = size["ablations"]
+        total += seeds * len(abl["kinds"]) * (cfg.steps - abl["rewind"])
+    if "pretrain" in size:
+        pre = size["pretrain"]
+        total += len(PRETEXT) * (pre["steps"] + len(pre["seeds"].split(",")) * size["levels"]
+                                 * (cfg.steps - pre["steps"]))
+    return total
+
+
+def time_updates(out: Path, size: dict, *, device: str = "cpu", data_root: str | None = None,
+                 updates: int = 50, warmup: int = 5) -> dict:
+    """Time `updates` training updates of the size's recorded run (after `warmup` more).
+
+    The run trains and records into ``out/pilot-timing.zarr`` (replaced each time) with
+    the size's model, data and batch, checkpointing only its end, so the time per update
+    is training's, not start-up's. Returns the timing and the study's projected training
+    time (`planned_updates` x seconds per update; evaluation and start-up come on top).
+    """
+    from ckpt_tools.train import train, with_overrides
+
+    marks: dict[int, float] = {}
+
+    def on_step(step: int, loss: float) -> None:
+        marks[step] = time.perf_counter()
+
+    n = warmup + updates
+    cfg = with_overrides(record_config(size, device=device, data_root=data_root),
+                         steps=n, schedule=f"0:{n + 1}:{n}", eval_schedule=str(n))
+    train(cfg, out / "pilot-timing.zarr", overwrite=True, on_step=on_step,
+          resume_interval=None)
+    per_update = (marks[n] - marks[warmup]) / updates
+    planned = planned_updates(size)
+    return {"updates": updates, "seconds": round(marks[n] - marks[warmup], 3),
+            "seconds_per_update": per_update, "planned_updates": planned,
+            "projected_training_hours": planned * per_update / 3600}
+
+
 def _check_pilot(store: Path, threshold: float, echo: Callable[[str], None]) -> dict:
     barrier, pairs = pilot_barrier(store)
     echo(f"pilot: error barrier at k = 0 is {barrier * 100:.2f} pp (pairs: {pairs}; "
@@ -298,6 +366,14 @@ def run_study(
     store = out / "study.zarr"
     if not summary_only:
         out.mkdir(parents=True, exist_ok=True)
+        timing_file = out / "pilot-timing.json"
+        if not timing_file.exists():
+            timing = time_updates(out, spec, device=device, data_root=data_root)
+            timing_file.write_text(json.dumps(timing, indent=1) + "\n")
+            echo(f"pilot: {timing['updates']} updates took {timing['seconds']:.1f} s "
+                 f"({timing['seconds_per_update'] * 1000:.0f} ms each); the study trains "
+                 f"{timing['planned_updates']:,} updates: about "
+                 f"{timing['projected_training_hours']:.1f} h of training here")
         with open(out / "commands.jsonl", "a") as log:
             for i, args in enumerate(steps):
                 if args[0] == "record":
@@ -320,6 +396,9 @@ def run_study(
             f"cannot summarise {store} at size {size!r}: {exc}",
             hint="run the study there first (without --summary-only), at the same --size",
         ) from None
+    timing_file = out / "pilot-timing.json"
+    if timing_file.exists():
+        summary["pilot"]["timing"] = json.loads(timing_file.read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(render(summary))
     echo(render(summary))
