@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from eval_reference import reference_eval
 from typer.testing import CliRunner
 
 from ckpt_tools import batches, load_state_dict, open_history
@@ -254,7 +255,10 @@ def test_sparse_pretraining_keeps_the_mask(tiny_copy):
     assert all(torch.equal(start[n], pretrained[n]) for n in start)
     assert open_history(tiny_copy, _group(label, "level_1")).step.values[0] == N
     summary = read_pretrain_summary(tiny_copy)
-    assert float(summary.test_accuracy.sel(task=label, pretrain_steps=N, level=1, seed=0)) > 0
+    last = int(open_history(tiny_copy, _group(label, "level_1")).step[-1])
+    _, accuracy = reference_eval(tiny_copy, last, _group(label, "level_1"))
+    assert float(summary.test_accuracy.sel(task=label, pretrain_steps=N, level=1, seed=0)) == \
+        pytest.approx(accuracy, abs=1e-12)
 
 
 def test_pretrain_errors_are_one_line(tiny_copy):
